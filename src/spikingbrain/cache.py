@@ -1,0 +1,272 @@
+"""Decode state of a SpikingBrain model: constant size per layer except full attention.
+
+- ``gla`` layers keep the recurrent state ``[B, H, K, V]`` (fp32).
+- ``swa`` layers keep a ring buffer of the last ``w`` keys/values ``[B, Hkv, w, D]``.
+- ``full`` layers keep growing keys/values.
+- hybrids keep both of their branches' states; sink-token keys/values are stored once per layer.
+
+Why not transformers' ``DynamicSlidingWindowLayer`` / ``LinearAttentionLayer``: those keep one
+length for the whole batch. We keep, per row, the position of every cached key and whether it is
+valid, so rows at different lengths can share a batch (left padding, and the server's continuous
+batching: ``SpikingBrainCache.cat`` / ``select`` move rows between batches between decode steps).
+The class still derives from ``transformers.Cache`` so ``generate()`` treats it as a cache.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class _Layer(CacheLayerMixin):
+    """Base for our per-layer states. Tensors are batch-first so rows can be cat/selected."""
+
+    is_sliding = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    # HF abstract API: our mixers talk to the cache directly instead of through `update`.
+    def lazy_initialization(self, key_states, value_states):  # pragma: no cover - unused
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):  # pragma: no cover - unused
+        raise NotImplementedError("SpikingBrain layers update their cache state directly")
+
+    def get_mask_sizes(self, query_length: int):
+        return 0, 0
+
+    def get_seq_length(self) -> int:
+        return 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values() if t is not None)
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.tensors = {n: t.index_select(0, rows) for n, t in self.tensors.items()}
+
+    def reset(self) -> None:
+        self.tensors = {}
+
+
+class LinearState(_Layer):
+    """GLA recurrent state ``state [B, H, K, V]``."""
+
+    @property
+    def state(self):
+        return self.tensors.get("state")
+
+    def set_state(self, s: torch.Tensor) -> None:
+        self.tensors["state"] = s
+
+    @staticmethod
+    def cat(layers: list["LinearState"]) -> "LinearState":
+        out = LinearState()
+        if all(l.state is not None for l in layers):
+            out.set_state(torch.cat([l.state for l in layers], 0))
+        return out
+
+
+class KVState(_Layer):
+    """Keys/values with per-row positions and validity.
+
+    ``window=None``: grows (full attention). ``window=w``: a ring buffer of ``w`` slots; token
+    number ``n`` of a row's stream goes to slot ``n % w``, so it always holds the last ``w``.
+    Tensors: ``k, v [B, Hkv, L, D]``, ``pos [B, L]`` (long), ``valid [B, L]`` (bool).
+    """
+
+    def __init__(self, window: int | None = None) -> None:
+        super().__init__()
+        self.window = window
+        self.is_sliding = window is not None
+
+    def past(self):
+        """``(k, v, pos, valid)`` or ``None`` when empty."""
+        if "k" not in self.tensors:
+            return None
+        t = self.tensors
+        return t["k"], t["v"], t["pos"], t["valid"]
+
+    def append(self, k, v, pos, valid, stream_index: torch.Tensor) -> None:
+        """Store ``T`` new tokens: ``k, v [B, Hkv, T, D]``, ``pos/valid [B, T]``;
+        ``stream_index [B]``: tokens of each row seen before these."""
+        B, Hkv, T, D = k.shape
+        if self.window is None:
+            if "k" not in self.tensors:
+                self.tensors = {"k": k, "v": v, "pos": pos, "valid": valid}
+            else:
+                t = self.tensors
+                self.tensors = {
+                    "k": torch.cat([t["k"], k], 2), "v": torch.cat([t["v"], v], 2),
+                    "pos": torch.cat([t["pos"], pos], 1), "valid": torch.cat([t["valid"], valid], 1),
+                }
+            return
+        w = self.window
+        if "k" not in self.tensors:
+            self.tensors = {
+                "k": k.new_zeros(B, Hkv, w, D), "v": v.new_zeros(B, Hkv, w, D),
+                "pos": pos.new_zeros(B, w), "valid": torch.zeros(B, w, dtype=torch.bool, device=k.device),
+            }
+        if T > w:  # only the last w can survive; writing them alone keeps slots distinct
+            k, v, pos, valid = k[:, :, -w:], v[:, :, -w:], pos[:, -w:], valid[:, -w:]
+            stream_index = stream_index + (T - w)
+            T = w
+        slots = (stream_index[:, None] + torch.arange(T, device=k.device)[None]) % w  # [B, T]
+        t = self.tensors
+        idx = slots[:, None, :, None].expand(B, Hkv, T, D)
+        t["k"] = t["k"].scatter(2, idx, k.to(t["k"].dtype))
+        t["v"] = t["v"].scatter(2, idx, v.to(t["v"].dtype))
+        t["pos"] = t["pos"].scatter(1, slots, pos)
+        t["valid"] = t["valid"].scatter(1, slots, valid)
+
+    def get_seq_length(self) -> int:
+        return 0 if "k" not in self.tensors else int(self.tensors["k"].shape[2])
+
+    @staticmethod
+    def cat(layers: list["KVState"]) -> "KVState":
+        out = KVState(layers[0].window)
+        if any("k" not in l.tensors for l in layers):
+            return out
+        L = max(l.tensors["k"].shape[2] for l in layers)
+        parts = {n: [] for n in ("k", "v", "pos", "valid")}
+        for l in layers:
+            t = l.tensors
+            pad = L - t["k"].shape[2]  # only full-attention rows differ in length: left-pad invalid
+            parts["k"].append(torch.nn.functional.pad(t["k"], (0, 0, pad, 0)))
+            parts["v"].append(torch.nn.functional.pad(t["v"], (0, 0, pad, 0)))
+            parts["pos"].append(torch.nn.functional.pad(t["pos"], (pad, 0)))
+            parts["valid"].append(torch.nn.functional.pad(t["valid"], (pad, 0), value=False))
+        out.tensors = {n: torch.cat(p, 0) for n, p in parts.items()}
+        return out
+
+
+class LayerCache(_Layer):
+    """All the state of one decoder layer: a linear part, a softmax part, or both, plus the
+    sink tokens' keys/values (computed once, shared by every row)."""
+
+    def __init__(self, layer_type: str, window: int | None) -> None:
+        super().__init__()
+        self.layer_type = layer_type
+        self.linear = LinearState() if "gla" in layer_type else None
+        kv_window = window if "swa" in layer_type else None
+        self.kv = KVState(kv_window) if ("swa" in layer_type or "full" in layer_type) else None
+        self.is_sliding = "swa" in layer_type
+        self.sink_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _parts(self):
+        return [p for p in (self.linear, self.kv) if p is not None]
+
+    def nbytes(self) -> int:
+        n = sum(p.nbytes() for p in self._parts())
+        if self.sink_kv is not None:
+            n += sum(t.numel() * t.element_size() for t in self.sink_kv)
+        return n
+
+    def growing_nbytes(self) -> int:
+        return self.kv.nbytes() if (self.kv is not None and self.kv.window is None) else 0
+
+    def select(self, rows) -> None:
+        for p in self._parts():
+            p.select(rows)
+
+    def get_seq_length(self) -> int:
+        return self.kv.get_seq_length() if self.kv is not None else 0
+
+    def reset(self) -> None:
+        for p in self._parts():
+            p.reset()
+
+    @staticmethod
+    def cat(layers: list["LayerCache"]) -> "LayerCache":
+        first = layers[0]
+        out = LayerCache(first.layer_type, first.kv.window if first.kv is not None else None)
+        if first.linear is not None:
+            out.linear = LinearState.cat([l.linear for l in layers])
+        if first.kv is not None:
+            out.kv = KVState.cat([l.kv for l in layers])
+        out.sink_kv = first.sink_kv
+        return out
+
+
+class SpikingBrainCache(Cache):
+    """Per-layer decode state plus, per row, the tokens seen and the next position id.
+
+    ``stream_len [B]``: tokens fed so far (padding included); ``next_pos [B]``: the position id
+    the next real token gets (padding excluded).
+    """
+
+    def __init__(self, config) -> None:
+        layers = [LayerCache(t, config.sliding_window) for t in config.layer_types]
+        super().__init__(layers=layers)
+        self.stream_len: torch.Tensor | None = None
+        self.next_pos: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ bookkeeping
+    def positions_for(self, batch_size: int, valid: torch.Tensor, device) -> torch.Tensor:
+        """Position ids ``[B, T]`` of new tokens with validity ``valid [B, T]``; padding gets
+        the position of the next real token (it is masked everywhere anyway)."""
+        if self.next_pos is None:
+            self.stream_len = torch.zeros(batch_size, dtype=torch.long, device=device)
+            self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+        return self.next_pos[:, None] + (valid.long().cumsum(1) - valid.long())
+
+    def advance(self, valid: torch.Tensor) -> None:
+        self.stream_len = self.stream_len + valid.shape[1]
+        self.next_pos = self.next_pos + valid.long().sum(1)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens fed so far (the longest row), which is what ``generate()`` needs."""
+        return 0 if self.stream_len is None else int(self.stream_len.max())
+
+    def get_max_length(self) -> int:
+        return -1
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    # ------------------------------------------------------------------ memory
+    def nbytes(self) -> int:
+        """Bytes of decode state held (all layers)."""
+        return sum(l.nbytes() for l in self.layers)
+
+    def memory_report(self) -> dict[str, int]:
+        """``constant``: linear states, SWA windows, sink KV; ``growing``: full-attention KV."""
+        growing = sum(l.growing_nbytes() for l in self.layers)
+        total = self.nbytes()
+        return {"constant": total - growing, "growing": growing, "total": total}
+
+    # ------------------------------------------------------------------ batching
+    @property
+    def batch_size(self) -> int:
+        return 0 if self.stream_len is None else int(self.stream_len.shape[0])
+
+    def select(self, rows) -> "SpikingBrainCache":
+        """Keep only ``rows`` (in that order), in place; returns self."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.stream_len.device)
+        for l in self.layers:
+            l.select(rows)
+        self.stream_len = self.stream_len.index_select(0, rows)
+        self.next_pos = self.next_pos.index_select(0, rows)
+        return self
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        self.select(indices)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        self.select(beam_idx)
+
+    @classmethod
+    def cat(cls, caches: list["SpikingBrainCache"]) -> "SpikingBrainCache":
+        """Stack caches along the batch (rows may be at different lengths)."""
+        if not caches:
+            raise ValueError("SpikingBrainCache.cat needs at least one cache")
+        out = cls.__new__(cls)
+        Cache.__init__(out, layers=[LayerCache.cat([c.layers[i] for c in caches])
+                                    for i in range(len(caches[0].layers))])
+        out.stream_len = torch.cat([c.stream_len for c in caches])
+        out.next_pos = torch.cat([c.next_pos for c in caches])
+        return out

@@ -1,0 +1,84 @@
+"""Softmax attention mixers: sliding-window (``swa``) and full causal (``full``).
+
+The Transformer's attention unchanged (q/k/v biases, RoPE over the full head dim) except that in
+``swa`` query ``i`` sees keys ``i - w + 1 .. i``. Decoding keeps a ring buffer of the last ``w``
+keys/values (constant memory); ``full`` keeps a growing KV cache.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from spikingbrain.layers.context import MixerContext
+from spikingbrain.layers.rope import apply_rope
+from spikingbrain.ops.sliding_window import windowed_attention
+
+
+class SoftmaxAttention(nn.Module):
+    def __init__(self, config, layer_idx: int, window: int | None) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.window = window
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        d, hd = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=config.attention_bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=config.attention_bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=config.attention_out_bias)
+        # Set by spiking.spikify for INT8 keys/values: (k, v) -> (k, v), shapes [B, Hkv, T, D].
+        self.kv_quantizer = None
+
+    def project(self, x: torch.Tensor):
+        """``x [B, T, d]`` -> q ``[B, H, T, D]``, k, v ``[B, Hkv, T, D]`` (before RoPE)."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def attend(self, q, k, v, ctx: MixerContext, cache=None, sink_kv=None) -> torch.Tensor:
+        return softmax_attend(q, k, v, ctx, self.window, cache, sink_kv, self.kv_quantizer)
+
+    def forward(self, x: torch.Tensor, ctx: MixerContext, cache=None, sink_kv=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.project(x)
+        o = self.attend(q, k, v, ctx, cache.kv if cache is not None else None, sink_kv)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+
+
+def softmax_attend(q, k, v, ctx: MixerContext, window, cache=None, sink_kv=None, kv_quantizer=None):
+    """RoPE, INT8-KV hook, cache update and (windowed) attention.
+
+    ``q [B, H, T, D]``, ``k, v [B, Hkv, T, D]`` (before RoPE); ``cache``: a ``KVState`` or None.
+    Returns ``[B, H, T, D]``.
+    """
+    q = apply_rope(q, ctx.cos, ctx.sin)
+    k = apply_rope(k, ctx.cos, ctx.sin)
+    if kv_quantizer is not None:
+        k, v = kv_quantizer(k, v)
+    B, T = q.shape[0], q.shape[2]
+    q_pos = k_pos = ctx.positions
+    k_valid = ctx.valid
+    q_seg = k_seg = ctx.seg
+    past = cache.past() if cache is not None else None
+    if past is not None:
+        pk, pv, ppos, pvalid = past
+        k_all, v_all = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
+        k_pos = torch.cat([ppos, ctx.positions], 1)
+        new_valid = ctx.valid if ctx.valid is not None else torch.ones(B, T, dtype=torch.bool, device=q.device)
+        k_valid = torch.cat([pvalid, new_valid], 1)
+        if ctx.seg is not None:
+            k_seg = torch.cat([torch.zeros_like(ppos), ctx.seg], 1)
+    else:
+        k_all, v_all = k, v
+    sink_k, sink_v = sink_kv if sink_kv is not None else (None, None)
+    o = windowed_attention(
+        q, k_all, v_all, q_pos=q_pos, k_pos=k_pos, window=window, k_valid=k_valid,
+        q_seg=q_seg, k_seg=k_seg, sink_k=sink_k, sink_v=sink_v,
+    )
+    if cache is not None:
+        valid = ctx.valid if ctx.valid is not None else torch.ones(B, T, dtype=torch.bool, device=q.device)
+        cache.append(k, v, ctx.positions, valid, ctx.stream_index)
+    return o
