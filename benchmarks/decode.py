@@ -1,0 +1,199 @@
+"""Decode speed versus context length: a SpikingBrain model against its teacher, in one run.
+
+Metric: milliseconds per generated token (batch 1, greedy), median over ``--tokens`` decode
+steps after ``--warmup`` steps, at a decode state that has already seen ``L`` tokens.
+
+How each model reaches context ``L`` without a quadratic (or merely slow) prefill:
+- teacher (transformers): its ``DynamicCache`` is filled with ``L`` random keys/values per
+  layer; attention then costs what it costs at length ``L`` (values do not change the work).
+- SpikingBrain: the GLA states get random values and the SWA ring buffers are filled with
+  ``w`` random keys/values at positions ``L-w .. L-1``; its per-token cost does not depend on
+  ``L`` by construction, which is what the numbers should show.
+- llama.cpp (optional, if ``llama_cpp`` is importable and ``--gguf`` or the default teacher's
+  GGUF is found): a real prefill of ``L`` random tokens, so only contexts up to
+  ``--llama-cpp-max-context`` are run.
+
+Printed: one row per context with ms/token for each model and the speed ratios
+(teacher ms / SpikingBrain ms; > 1 means SpikingBrain is faster). Paths: SpikingBrain in fp32
+and, with ``--int8``, int8 dynamic quantization; ``--bf16`` adds a bf16 row.
+
+Usage (defaults run in a few minutes on 2 cores):
+    PYTHONPATH=src python3 benchmarks/decode.py [--model DIR] [--teacher default|DIR|FILE.gguf]
+        [--contexts 1024,4096,16384] [--tokens 8] [--int8] [--bf16]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="SpikingBrain model dir (default: spikingbrain-demo/model, "
+                   "else the teacher converted on the fly, untrained: speed does not depend on the weights)")
+    p.add_argument("--teacher", default="default", help="teacher: 'default' (SmolLM2-135M GGUF), a dir or a .gguf")
+    p.add_argument("--contexts", default="1024,4096,16384", help="comma-separated context lengths")
+    p.add_argument("--tokens", type=int, default=8, help="timed decode steps per context")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--teacher-dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--int8", action="store_true", help="also time SpikingBrain with int8 linears")
+    p.add_argument("--bf16", action="store_true", help="also time SpikingBrain in bf16")
+    p.add_argument("--gguf", default=None, help="GGUF for the llama.cpp baseline (default: the default teacher's)")
+    p.add_argument("--llama-cpp-max-context", type=int, default=8192)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- state filling
+def fill_teacher_cache(model, L: int):
+    """A DynamicCache holding ``L`` random keys/values in every layer."""
+    from transformers import DynamicCache
+
+    cfg = model.config
+    hkv = cfg.num_key_value_heads
+    dh = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    dtype = next(model.parameters()).dtype
+    cache = DynamicCache(config=cfg)
+    for i in range(cfg.num_hidden_layers):
+        k = torch.randn(1, hkv, L, dh, dtype=dtype)
+        cache.update(k, torch.randn_like(k), i)
+    return cache
+
+
+@torch.inference_mode()
+def fill_spikingbrain_cache(model, L: int):
+    """A SpikingBrainCache as if ``L`` tokens had been fed: random GLA states, full SWA windows
+    of random keys/values at positions ``L-w .. L-1`` (slot ``n % w`` holds token ``n``)."""
+    cache = model.new_cache()
+    model(input_ids=torch.zeros(1, 1, dtype=torch.long), past_key_values=cache, use_cache=True)
+    for lc in cache.layers:
+        if lc.linear is not None and lc.linear.state is not None:
+            lc.linear.set_state(torch.randn_like(lc.linear.state) * 0.1)
+        if lc.kv is not None:
+            t = lc.kv.tensors
+            if lc.kv.window is None:  # full attention: L keys
+                hkv, dh = t["k"].shape[1], t["k"].shape[3]
+                k = torch.randn(1, hkv, L, dh, dtype=t["k"].dtype)
+                lc.kv.tensors = {"k": k, "v": torch.randn_like(k), "pos": torch.arange(L)[None],
+                                 "valid": torch.ones(1, L, dtype=torch.bool)}
+            else:
+                w = lc.kv.window
+                n = torch.arange(max(0, L - w), L)
+                slots = n % w
+                pos = torch.zeros(1, w, dtype=torch.long)
+                valid = torch.zeros(1, w, dtype=torch.bool)
+                pos[0, slots] = n
+                valid[0, slots] = True
+                t["k"], t["v"] = torch.randn_like(t["k"]), torch.randn_like(t["v"])
+                t["pos"], t["valid"] = pos, valid
+    cache.stream_len = torch.tensor([L])
+    cache.next_pos = torch.tensor([L])
+    return cache
+
+
+# --------------------------------------------------------------------------- timing
+@torch.inference_mode()
+def time_decode(model, cache, tokens: int, warmup: int) -> float:
+    """Median ms per decode step (batch 1)."""
+    tok = torch.tensor([[1]])
+    times = []
+    for i in range(warmup + tokens):
+        t0 = time.perf_counter()
+        out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        tok = out.logits[:, -1:].argmax(-1)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def time_llama_cpp(gguf: str, L: int, tokens: int, threads: int) -> float:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=gguf, n_ctx=L + tokens + 16, n_threads=threads, n_batch=512, verbose=False)
+    g = torch.Generator().manual_seed(0)
+    llm.eval(torch.randint(10, 1000, (L,), generator=g).tolist())
+    times = []
+    for _ in range(tokens):
+        t0 = time.perf_counter()
+        llm.eval([42])
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+# --------------------------------------------------------------------------- main
+def load_models(args):
+    from spikingbrain.convert.teacher import load_teacher
+    from spikingbrain.serve.loading import DEFAULT_MODEL_DIR
+
+    tdtype = torch.bfloat16 if args.teacher_dtype == "bf16" else torch.float32
+    teacher, _ = load_teacher(args.teacher, dtype=tdtype)
+    teacher.eval()
+    model_dir = args.model or (str(DEFAULT_MODEL_DIR) if (DEFAULT_MODEL_DIR / "config.json").is_file() else None)
+    if model_dir is not None:
+        from transformers import AutoModelForCausalLM
+
+        student = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32").eval()
+        name = model_dir
+    else:
+        from spikingbrain import convert_from_transformer
+
+        source = teacher if tdtype == torch.float32 else load_teacher(args.teacher, dtype=torch.float32)[0]
+        student = convert_from_transformer(copy.deepcopy(source)).eval()
+        name = "teacher converted (untrained)"
+    return teacher, student, name
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
+    import spikingbrain  # noqa: F401  (Auto registration)
+    from spikingbrain.serve.quantize import quantize_int8
+
+    teacher, student, name = load_models(args)
+    variants = {"sb_fp32": student}
+    if args.bf16:
+        variants["sb_bf16"] = copy.deepcopy(student).to(torch.bfloat16)
+    if args.int8:
+        variants["sb_int8"], method = quantize_int8(copy.deepcopy(student))
+        print(f"int8 method: {method}")
+    gguf = args.gguf
+    try:
+        import llama_cpp  # noqa: F401
+
+        if gguf is None and args.teacher == "default":
+            from spikingbrain.convert.teacher import default_teacher_path
+
+            gguf = str(default_teacher_path())
+    except ImportError:
+        gguf = None
+    print(f"SpikingBrain: {name}; layers {student.config.layer_types[:4]}..., window {student.config.sliding_window}")
+    print(f"teacher: {args.teacher} ({args.teacher_dtype}); threads {args.threads}; llama.cpp: "
+          f"{'yes' if gguf else 'not installed (pip install llama-cpp-python)'}")
+    cols = ["teacher"] + list(variants) + (["llama_cpp"] if gguf else [])
+    print("\nms/token (median)")
+    print("context  " + "  ".join(f"{c:>10}" for c in cols) + "  " +
+          "  ".join(f"{'teacher/' + v:>16}" for v in variants) + ("  " + f"{'llama_cpp/sb_fp32':>18}" if gguf else ""))
+    for L in contexts:
+        row = {"teacher": time_decode(teacher, fill_teacher_cache(teacher, L), args.tokens, args.warmup)}
+        for v, m in variants.items():
+            row[v] = time_decode(m, fill_spikingbrain_cache(m, L), args.tokens, args.warmup)
+        if gguf and L <= args.llama_cpp_max_context:
+            row["llama_cpp"] = time_llama_cpp(gguf, L, args.tokens, args.threads)
+        cells = "  ".join(f"{row[c]:>10.2f}" if c in row else f"{'-':>10}" for c in cols)
+        ratios = "  ".join(f"{row['teacher'] / row[v]:>15.2f}x" for v in variants)
+        lc = (f"  {row['llama_cpp'] / row['sb_fp32']:>17.2f}x" if "llama_cpp" in row else
+              (f"  {'-':>18}" if gguf else ""))
+        print(f"{L:>7}  {cells}  {ratios}{lc}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

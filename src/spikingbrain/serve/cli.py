@@ -1,0 +1,193 @@
+"""`spikingbrain generate`, `spikingbrain chat` and `spikingbrain serve`."""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from pathlib import Path
+
+from spikingbrain.errors import SpikingBrainError
+
+API_KEY_ENV = "SPIKINGBRAIN_API_KEY"
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help="model directory (default: ./spikingbrain-demo/model from `spikingbrain demo`)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="weights/activations dtype (bf16 halves memory; fast on CPUs with AVX512-BF16/AMX)")
+    p.add_argument("--int8", action="store_true", help="int8 weight linears (dynamic quantization) on CPU")
+    p.add_argument("--prefill-chunk", type=int, default=512, metavar="N",
+                   help="feed long prompts N tokens at a time (bounded memory)")
+
+
+def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--top-k", type=int, default=0, help="0 = no top-k filter")
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when this text appears (removed from the output); repeatable")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt, streaming it to stdout")
+    _model_args(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-file", type=Path, help="read the prompt from this UTF-8 file (any length)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn of the chat template")
+    _sampling_args(p, temperature=0.0)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal (/exit to quit, /reset to start over)")
+    _model_args(p)
+    p.add_argument("--system", default=None, help="system message")
+    _sampling_args(p, temperature=0.7)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")
+    _model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (or set ${API_KEY_ENV})")
+    p.add_argument("--model-name", default=None, help="model id clients send (default: the directory name)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+    p.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-prompt-tokens", type=int, default=32768)
+    p.add_argument("--max-request-bytes", type=int, default=1 << 20)
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=cmd_serve)
+
+
+def _params(args):
+    from spikingbrain.serve.sampling import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          repetition_penalty=args.repetition_penalty, seed=args.seed,
+                          max_new_tokens=args.max_new_tokens, stop=list(args.stop))
+
+
+def _load(args):
+    from spikingbrain.serve.loading import load_model
+
+    if args.prefill_chunk < 1:
+        raise SpikingBrainError("--prefill-chunk must be >= 1")
+    return load_model(args.model, dtype=args.dtype, int8=args.int8)
+
+
+def cmd_generate(args) -> int:
+    from tqdm import tqdm
+
+    from spikingbrain.serve.generation import TextStreamer, chat_prompt_ids
+
+    params = _params(args)
+    model, tokenizer, _ = _load(args)
+    if args.prompt_file is not None:
+        try:
+            text = args.prompt_file.read_text("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise SpikingBrainError(f"cannot read --prompt-file: {e}") from None
+    else:
+        text = args.prompt
+    if args.chat:
+        ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": text}])
+    else:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise SpikingBrainError("the prompt is empty")
+    bar = tqdm(total=len(ids), unit="tok", desc="prefill", file=sys.stderr,
+               disable=len(ids) <= 4 * args.prefill_chunk)
+    streamer = TextStreamer(model, tokenizer, ids, params, prefill_chunk=args.prefill_chunk, on_prefill_chunk=bar.update)
+    first = True
+    for delta in streamer:
+        if first:  # the prompt is in: end the progress bar before the answer starts
+            bar.close()
+            first = False
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    bar.close()
+    sys.stdout.write("\n")
+    seq = streamer.sequence
+    print(f"[{len(ids)} prompt tokens in {streamer.prefill_seconds:.2f} s, {len(seq.output_ids)} generated at "
+          f"{streamer.tokens_per_second:.1f} tok/s, finish={seq.finish_reason}, decode state "
+          f"{streamer.adapter.nbytes(streamer.state) / 2**20:.2f} MiB]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from spikingbrain.serve.generation import TextStreamer, chat_prompt_ids
+
+    params = _params(args)
+    model, tokenizer, path = _load(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    state, state_ids = None, None
+    print(f"chatting with {path} (/exit to quit, /reset to start over)", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            return 0
+        cmd = line.strip()
+        if cmd in ("/exit", "/quit"):
+            return 0
+        if cmd == "/reset":
+            messages, state, state_ids = list(system), None, None
+            print("[conversation reset]", file=sys.stderr)
+            continue
+        if not cmd:
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = chat_prompt_ids(tokenizer, messages)
+        streamer = TextStreamer(model, tokenizer, ids, params, prefill_chunk=args.prefill_chunk,
+                                state=state, state_ids=state_ids)
+        sys.stdout.write("assistant> ")
+        try:
+            for delta in streamer:
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+        except KeyboardInterrupt:  # stop this answer, keep the chat
+            sys.stdout.write(" [interrupted]")
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        messages.append({"role": "assistant", "content": streamer.sequence.text})
+        state, state_ids = streamer.state, streamer.fed_ids
+        print(f"[{streamer.tokens_per_second:.1f} tok/s]", file=sys.stderr)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args) -> int:
+    from spikingbrain.serve.protocol import Limits
+    from spikingbrain.serve.server import create_app, serve
+    from spikingbrain.serve.spikes import make_spike_probe
+
+    for name in ("port", "max_batch", "max_tokens_cap", "max_prompt_tokens", "max_request_bytes"):
+        if getattr(args, name) < 1:
+            raise SpikingBrainError(f"--{name.replace('_', '-')} must be >= 1")
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if not _is_loopback(args.host) and not api_key:
+        print(f"warning: serving on {args.host} without an API key: anyone who can reach it can use it",
+              file=sys.stderr)
+    model, tokenizer, path = _load(args)
+    app = create_app(
+        model, tokenizer, model_name=args.model_name or path.resolve().name, api_key=api_key,
+        limits=Limits(args.max_request_bytes, args.max_prompt_tokens, args.max_tokens_cap),
+        max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, spike_probe=make_spike_probe(model),
+    )
+    print(f"serving {path} on http://{args.host}:{args.port}/ (OpenAI API under /v1)", file=sys.stderr)
+    serve(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

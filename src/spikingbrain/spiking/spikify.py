@@ -1,0 +1,173 @@
+"""Turn a model into its spiking inference form (in place), and back.
+
+``spikify`` replaces every ``nn.Linear`` inside ``model.model.layers`` — attention q/k/v/o, the
+GLA gate pair ``gk_proj``, FFN gate/up/down (``down_proj`` included, which the released code
+skipped), MoE experts, shared experts and router — by a ``SpikingLinear``, and gives every mixer
+that has a ``kv_quantizer`` attribute (SWA / full softmax attention) an ``Int8KVQuantizer``.
+Embeddings, final norm and LM head stay in floating point. Spiking is per token (threshold from
+the token's own activations), so prefill, cached decoding and ``generate()`` work unchanged.
+
+Calibration (``calibration``: a list of token-id tensors / lists, or of strings together with
+``tokenizer``): the spike thresholds are dynamic, so what is calibrated is the *weight*
+quantizer. One forward pass over the calibration tokens (with plain absmax weights) streams the
+actual spike-coded inputs ``X = V_th * s_int`` of every projection through a hook, which
+accumulates, for each candidate clipping ratio ``alpha`` in ``CLIP_RATIOS``, the squared output
+error ``||(W_q(alpha) * scale(alpha) - W) X^T||^2`` per output row. Each row then keeps the
+``alpha`` with the smallest error (``alpha = 1`` is a candidate, so calibration never increases
+the error on the calibration data). Without calibration the scales are plain absmax (from the
+weights alone).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from spikingbrain.errors import SpikingBrainError
+from spikingbrain.spiking.linear import SpikingLinear
+from spikingbrain.spiking.quant import Int8KVQuantizer, dequantize_weight, quantize_weight
+
+CLIP_RATIOS = (1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.825, 0.8)
+MAX_CALIBRATION_ROWS = 512  # tokens per projection and call used for the error statistics
+
+
+def _blocks(model: nn.Module) -> nn.Module:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise SpikingBrainError("spikify expects a causal LM with decoder blocks at model.model.layers")
+    return layers
+
+
+def spiking_layers(model: nn.Module) -> dict[str, SpikingLinear]:
+    """``{qualified name: SpikingLinear}`` in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, SpikingLinear)}
+
+
+def spikify(
+    model: nn.Module,
+    k: float = 3.0,
+    weight_bits: int | None = 8,
+    group_size: int = 128,
+    calibration=None,
+    ste: bool = False,
+    clip: int | None = None,
+    kv_bits: int | None = 8,
+    exclude: Iterable[str] = (),
+    tokenizer=None,
+    keep_original: bool = True,
+) -> nn.Module:
+    """Spike-code ``model`` in place and return it.
+
+    ``exclude``: projection names to leave as ``nn.Linear`` (matched against the last name
+    component, e.g. ``("down_proj",)`` reproduces the released code). ``kv_bits=None`` leaves
+    keys/values in float. ``ste=True`` keeps float weights and makes the forward trainable.
+    """
+    if not k > 0:
+        raise SpikingBrainError(f"k must be > 0, got {k}")
+    if spiking_layers(model):
+        raise SpikingBrainError("model is already spikified; use set_spiking() to change k, or unspikify() first")
+    excluded = set(exclude)
+    layers = _blocks(model)
+    targets = [
+        (parent, child_name, child)
+        for parent in layers.modules()
+        for child_name, child in parent.named_children()
+        if type(child) is nn.Linear and child_name not in excluded
+    ]
+    for parent, name, lin in targets:
+        setattr(parent, name, SpikingLinear(lin, k, weight_bits, group_size, clip, ste, keep_original))
+    if kv_bits is not None:
+        for m in layers.modules():
+            if hasattr(m, "kv_quantizer"):
+                m.kv_quantizer = Int8KVQuantizer(kv_bits)
+    if calibration is not None and weight_bits is not None and not ste:
+        calibrate(model, calibration, tokenizer)
+    return model
+
+
+def unspikify(model: nn.Module) -> nn.Module:
+    """Undo ``spikify`` in place: restore ``nn.Linear`` modules (the originals when kept, with
+    trained weights copied back after STE fine-tuning) and remove the KV quantizers."""
+    for m in list(_blocks(model).modules()):
+        for name, child in list(m.named_children()):
+            if isinstance(child, SpikingLinear):
+                setattr(m, name, child.to_linear())
+        if hasattr(m, "kv_quantizer") and isinstance(m.kv_quantizer, Int8KVQuantizer):
+            m.kv_quantizer = None
+    return model
+
+
+def set_spiking(model: nn.Module, k: float | None = None, clip=..., spike_inputs: bool | None = None) -> nn.Module:
+    """Change ``k`` / ``clip`` / ``spike_inputs`` of every ``SpikingLinear`` (weights are untouched)."""
+    mods = spiking_layers(model)
+    if not mods:
+        raise SpikingBrainError("model is not spikified")
+    if k is not None and not k > 0:
+        raise SpikingBrainError(f"k must be > 0, got {k}")
+    for m in mods.values():
+        if k is not None:
+            m.k = float(k)
+        if clip is not ...:
+            m.clip = clip
+        if spike_inputs is not None:
+            m.spike_inputs = bool(spike_inputs)
+    return model
+
+
+def _calibration_batches(calibration, tokenizer, device):
+    items = [calibration] if isinstance(calibration, (str, torch.Tensor)) else list(calibration)
+    for item in items:
+        if isinstance(item, str):
+            if tokenizer is None:
+                raise SpikingBrainError("calibration texts need a tokenizer (spikify(..., tokenizer=tok))")
+            ids = torch.tensor(tokenizer(item)["input_ids"])
+        else:
+            ids = torch.as_tensor(item)
+        if ids.dtype not in (torch.int32, torch.int64) or ids.numel() == 0:
+            raise SpikingBrainError("calibration items must be texts or non-empty token-id tensors")
+        yield (ids if ids.dim() == 2 else ids.view(1, -1)).to(device)
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, calibration, tokenizer=None) -> dict[str, torch.Tensor]:
+    """Pick per-row weight clipping ratios on calibration tokens (see module doc) and requantize.
+    Returns ``{layer name: chosen alpha per row [out]}``."""
+    mods = {n: m for n, m in spiking_layers(model).items() if not m.ste and m.weight_bits is not None}
+    if not mods:
+        raise SpikingBrainError("nothing to calibrate: no integer-weight SpikingLinear in the model")
+    ratios = torch.tensor(CLIP_RATIOS)
+    errors, weights, hooks = {}, {}, []
+    for name, m in mods.items():
+        # the reference is the original float weight when kept, else the absmax-dequantized one
+        w = m._original[0].weight if m._original is not None else m.float_weight()
+        weights[name] = w.detach().float().to(m.qweight.device)
+        errors[name] = torch.zeros(len(CLIP_RATIOS), m.out_features, dtype=torch.float64)
+
+        def hook(mod, args, name=name):
+            x = args[0].reshape(-1, mod.in_features)
+            if x.shape[0] > MAX_CALIBRATION_ROWS:
+                x = x[torch.linspace(0, x.shape[0] - 1, MAX_CALIBRATION_ROWS).long()]
+            if mod.spike_inputs:
+                s, v_th = mod.spikes(x)
+                x = s * v_th
+            x, w = x.float(), weights[name]
+            for a, ratio in enumerate(CLIP_RATIOS):  # error matrices built on the fly: O(out*in) memory
+                q, sc = quantize_weight(w, mod.weight_bits, mod.group_size, ratio)
+                dw = dequantize_weight(q, sc, mod.group_size) - w
+                errors[name][a] += (x @ dw.t()).square().sum(0).double().cpu()
+
+        hooks.append(m.register_forward_pre_hook(hook))
+    try:
+        for ids in _calibration_batches(calibration, tokenizer, next(model.parameters()).device):
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    chosen = {}
+    for name, m in mods.items():
+        alpha = ratios[errors[name].argmin(0)]
+        m.requantize(weights[name], alpha.to(m.qweight.device))
+        chosen[name] = alpha
+    return chosen

@@ -1,0 +1,57 @@
+"""Training losses: LM cross-entropy, KL distillation to a teacher, and MoE auxiliary losses.
+
+All token losses are *sums* over the target positions of a micro-batch; the trainer divides
+by the number of targets in the whole global batch (``Batch.n_targets``), so the objective is
+the mean over every target token of the step, the same on 1 or N processes and for any
+gradient-accumulation split (a mean of per-micro-batch means would weight short batches up).
+
+Targets follow the HF shift: logits at position ``t`` predict ``labels[t + 1]``; positions
+whose label is -100 (padding, document starts, non-assistant SFT tokens) do not count.
+
+- CE: ``sum_t -log softmax(z_t)[y_t]`` (fp32).
+- KL: ``T^2 * sum_t KL(softmax(z^teacher_t / T) || softmax(z_t / T))`` over the same targets,
+  the forward KL of Hinton et al. (the ``T^2`` keeps gradient scale independent of ``T``).
+  Teacher and student logits are compared over their common vocabulary prefix.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from spikingbrain.train.encode import IGNORE
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None,
+                 temperature: float = 1.0) -> dict[str, torch.Tensor]:
+    """``logits [b, L, V]``, ``labels [b, L]``. Returns fp32 scalars ``ce_sum``, ``kl_sum``
+    (0 without a teacher) and ``n`` (targets counted)."""
+    target = labels[:, 1:]
+    mask = target != IGNORE
+    z = logits[:, :-1][mask].float()  # [n, V]
+    y = target[mask]
+    ce = F.cross_entropy(z, y, reduction="sum") if y.numel() else z.sum() * 0.0
+    kl = z.new_zeros(())
+    if teacher_logits is not None:
+        v = min(z.shape[-1], teacher_logits.shape[-1])
+        zt = teacher_logits[:, :-1][mask].float()[:, :v] / temperature
+        zs = z[:, :v] / temperature
+        if y.numel():
+            log_pt = F.log_softmax(zt, dim=-1)
+            kl = (log_pt.exp() * (log_pt - F.log_softmax(zs, dim=-1))).sum() * temperature**2
+        else:
+            kl = zs.sum() * 0.0
+    return {"ce_sum": ce, "kl_sum": kl, "n": mask.sum()}
+
+
+def aux_loss(model, outputs) -> torch.Tensor | None:
+    """MoE auxiliary loss of the last forward, coefficients applied, or None.
+
+    SpikingBrain exposes ``model.aux_loss()``; HF MoE models (Mixtral, Qwen2-MoE) return the raw
+    ``outputs.aux_loss`` and scale it by ``config.router_aux_loss_coef``."""
+    fn = getattr(model, "aux_loss", None)
+    if callable(fn):
+        return fn()
+    raw = getattr(outputs, "aux_loss", None)
+    if raw is not None:
+        return raw * float(getattr(model.config, "router_aux_loss_coef", 1.0))
+    return None
