@@ -50,67 +50,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-# --------------------------------------------------------------------------- state filling
-def fill_teacher_cache(model, L: int):
-    """A DynamicCache holding ``L`` random keys/values in every layer."""
-    from transformers import DynamicCache
-
-    cfg = model.config
-    hkv = cfg.num_key_value_heads
-    dh = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    dtype = next(model.parameters()).dtype
-    cache = DynamicCache(config=cfg)
-    for i in range(cfg.num_hidden_layers):
-        k = torch.randn(1, hkv, L, dh, dtype=dtype)
-        cache.update(k, torch.randn_like(k), i)
-    return cache
-
-
-@torch.inference_mode()
-def fill_spikingbrain_cache(model, L: int):
-    """A SpikingBrainCache as if ``L`` tokens had been fed: random GLA states, full SWA windows
-    of random keys/values at positions ``L-w .. L-1`` (slot ``n % w`` holds token ``n``)."""
-    cache = model.new_cache()
-    model(input_ids=torch.zeros(1, 1, dtype=torch.long), past_key_values=cache, use_cache=True)
-    for lc in cache.layers:
-        if lc.linear is not None and lc.linear.state is not None:
-            lc.linear.set_state(torch.randn_like(lc.linear.state) * 0.1)
-        if lc.kv is not None:
-            t = lc.kv.tensors
-            if lc.kv.window is None:  # full attention: L keys
-                hkv, dh = t["k"].shape[1], t["k"].shape[3]
-                k = torch.randn(1, hkv, L, dh, dtype=t["k"].dtype)
-                lc.kv.tensors = {"k": k, "v": torch.randn_like(k), "pos": torch.arange(L)[None],
-                                 "valid": torch.ones(1, L, dtype=torch.bool)}
-            else:
-                w = lc.kv.window
-                n = torch.arange(max(0, L - w), L)
-                slots = n % w
-                pos = torch.zeros(1, w, dtype=torch.long)
-                valid = torch.zeros(1, w, dtype=torch.bool)
-                pos[0, slots] = n
-                valid[0, slots] = True
-                t["k"], t["v"] = torch.randn_like(t["k"]), torch.randn_like(t["v"])
-                t["pos"], t["valid"] = pos, valid
-    cache.stream_len = torch.tensor([L])
-    cache.next_pos = torch.tensor([L])
-    return cache
-
-
-# --------------------------------------------------------------------------- timing
-@torch.inference_mode()
-def time_decode(model, cache, tokens: int, warmup: int) -> float:
-    """Median ms per decode step (batch 1)."""
-    tok = torch.tensor([[1]])
-    times = []
-    for i in range(warmup + tokens):
-        t0 = time.perf_counter()
-        out = model(input_ids=tok, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        tok = out.logits[:, -1:].argmax(-1)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+from spikingbrain.evaluation.speed import fill_spikingbrain_cache, fill_teacher_cache, time_decode  # noqa: E402
 
 
 def time_llama_cpp(gguf: str, L: int, tokens: int, threads: int) -> float:

@@ -146,13 +146,17 @@ class SpikingBrainModel(SpikingBrainPreTrainedModel):
                 out.append(None)
                 mix = mixer(x, ctx)
             else:
-                q, k, v = (p(x).view(1, S, -1, hd).transpose(1, 2) for p in (mixer.q_proj, mixer.k_proj, mixer.v_proj))
+                zq, zk, zv = (p(x).view(1, S, -1, hd) for p in (mixer.q_proj, mixer.k_proj, mixer.v_proj))
+                q, k, v = (t.transpose(1, 2) for t in (zq, zk, zv))
                 if mixer.kv_quantizer is not None:
                     k, v = mixer.kv_quantizer(k, v)
                 out.append((k, v))
                 o_soft = F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1]).transpose(1, 2)
                 if isinstance(mixer, ParallelHybrid):
-                    o_lin = mixer.gla.linear_attention(x, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ctx)
+                    # as in ParallelHybrid.branches: the linear branch's own projections when
+                    # separate, and keys/values from before the softmax branch's INT8-KV hook
+                    # (this used the shared, quantized q/k/v whatever hybrid_separate_proj said)
+                    o_lin = mixer.gla.linear_attention(x, *mixer.linear_inputs(x, zq, zk, zv), ctx)
                     o = mixer.merge[0] * o_lin + mixer.merge[1] * mixer.attn_norm(o_soft)
                 else:
                     o = o_soft
@@ -184,7 +188,11 @@ class SpikingBrainModel(SpikingBrainPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         B, T = inputs_embeds.shape[:2]
         device = inputs_embeds.device
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        # Unlike HF's config.use_cache default, a plain scoring call builds no cache: filling
+        # w-slot ring buffers for a forward that never decodes cost ~25% of an eval pass.
+        # generate() and callers that pass a cache still get one.
+        if use_cache is None:
+            use_cache = past_key_values is not None
         if self.training and past_key_values is None:
             use_cache = False
         cache = past_key_values
@@ -322,7 +330,8 @@ class SpikingBrainForCausalLM(SpikingBrainPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
-                                      inputs_embeds=None, use_cache=True, **kwargs):
+                                      inputs_embeds=None, use_cache=True, next_sequence_length=None,
+                                      **kwargs):
         """Feed only the tokens the cache has not seen yet; positions come from the cache."""
         if past_key_values is None and use_cache:
             past_key_values = self.new_cache()
@@ -331,6 +340,10 @@ class SpikingBrainForCausalLM(SpikingBrainPreTrainedModel, GenerationMixin):
                         "attention_mask": attention_mask}
         if inputs_embeds is not None and seen == 0:
             model_inputs["inputs_embeds"] = inputs_embeds
+        elif next_sequence_length and past_key_values is not None and inputs_embeds is not None:
+            # prompt given as embeddings: input_ids holds only the generated tokens, so slicing
+            # by what the cache has seen (prompt included) left nothing; take transformers' count
+            model_inputs["input_ids"] = input_ids[:, -next_sequence_length:]
         else:
             model_inputs["input_ids"] = input_ids[:, seen:]
         if "logits_to_keep" in kwargs and kwargs["logits_to_keep"] is not None:

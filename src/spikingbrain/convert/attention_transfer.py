@@ -110,7 +110,6 @@ def attention_transfer(
         if time_budget_s is not None and time.time() - start > time_budget_s:
             break
     bar.close()
-    del hd
     for p in student.parameters():
         p.requires_grad_(True)
     student.eval()

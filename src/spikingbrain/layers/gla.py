@@ -10,7 +10,7 @@ From the pre-normed input ``x``::
 k, v, g are repeated from ``Hkv`` to ``H`` heads (query head ``h`` uses KV head ``h // (H/Hkv)``,
 as in HF's ``repeat_kv``). The 76B variant uses ``phi = sigmoid`` and the key-tied gate
 ``g_t = log(1 - k_t)``, computed as ``logsigmoid(-z)`` for ``k = sigmoid(z)`` (stable).
-Padding tokens get ``k = v = 0`` so they leave the state untouched.
+Padding tokens get ``k = v = 0`` and ``g = 0`` so they leave the state untouched.
 """
 from __future__ import annotations
 
@@ -66,6 +66,8 @@ class GatedLinearAttention(nn.Module):
         if ctx.valid is not None:
             m = ctx.valid[:, :, None, None].to(k.dtype)
             k, v = k * m, v * m
+            # g = 0 (no decay) too: with k = v = 0 alone a pad still decayed a non-zero state
+            g = g * m.to(g.dtype)
         rep = self.num_heads // self.num_kv_heads
         if rep > 1:
             k, v, g = (t.repeat_interleave(rep, dim=2) for t in (k, v, g))
@@ -77,7 +79,8 @@ class GatedLinearAttention(nn.Module):
         )
         if cache is not None:
             cache.set_state(final)
-        return self.o_norm(o)
+        # the state math runs in fp32; hand o_proj the model's dtype
+        return self.o_norm(o).to(x.dtype)
 
     def forward(self, x: torch.Tensor, ctx: MixerContext, cache=None, sink_kv=None) -> torch.Tensor:
         B, T, _ = x.shape

@@ -41,18 +41,25 @@ class ParallelHybrid(nn.Module):
     def _shape(self, t, B, T, heads):
         return t.view(B, T, heads, self.head_dim)
 
+    def linear_inputs(self, x, zq, zk, v):
+        """The linear branch's pre-activation q, k and v (``[B, T, heads, D]``): its own
+        projections of ``x`` when separate, else the shared ``zq, zk, v``."""
+        if not self.separate:
+            return zq, zk, v
+        B, T, _ = x.shape
+        return (
+            self._shape(self.gla.q_proj(x), B, T, self.num_heads),
+            self._shape(self.gla.k_proj(x), B, T, self.num_kv_heads),
+            self._shape(self.gla.v_proj(x), B, T, self.num_kv_heads),
+        )
+
     def branches(self, x, ctx: MixerContext, cache=None, sink_kv=None):
         """Both branch outputs, normed, ``[B, T, H, D]`` each: ``(o_linear, o_softmax)``."""
         B, T, _ = x.shape
         zq = self._shape(self.q_proj(x), B, T, self.num_heads)
         zk = self._shape(self.k_proj(x), B, T, self.num_kv_heads)
         v = self._shape(self.v_proj(x), B, T, self.num_kv_heads)
-        if self.separate:
-            lq = self._shape(self.gla.q_proj(x), B, T, self.num_heads)
-            lk = self._shape(self.gla.k_proj(x), B, T, self.num_kv_heads)
-            lv = self._shape(self.gla.v_proj(x), B, T, self.num_kv_heads)
-        else:
-            lq, lk, lv = zq, zk, v
+        lq, lk, lv = self.linear_inputs(x, zq, zk, v)
         o_lin = self.gla.linear_attention(x, lq, lk, lv, ctx, cache.linear if cache is not None else None)
         o_soft = softmax_attend(
             zq.transpose(1, 2), zk.transpose(1, 2), v.transpose(1, 2), ctx, self.window,

@@ -41,6 +41,8 @@ def gla(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated linear attention. Returns ``(o [B, T, H, V], final_state [B, H, K, V] | None)``."""
     _check(q, k, v, g, initial_state, reset)
+    if reset is not None:
+        reset = reset.bool()  # an integer mask would break `~reset` (bitwise not) in the recurrence
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if mode == "auto":
@@ -98,6 +100,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def gla_naive(q, k, v, g, *, scale, initial_state=None, output_final_state=False, reset=None):
     """Quadratic reference (memory O(T^2 K) per head: tests only)."""
     dt = _compute_dtype(q)
+    out_dtype = v.dtype  # v is reassigned below: returning `.to(v.dtype)` gave fp32 for bf16 input
     q, k, v, g = (x.transpose(1, 2).to(dt) for x in (q, k, v, g))  # [B, H, T, *]
     B, H, T, K = q.shape
     G = g.cumsum(2)
@@ -128,7 +131,7 @@ def gla_naive(q, k, v, g, *, scale, initial_state=None, output_final_state=False
         if S0 is not None:
             keep = 1.0 if reset is None else (~reset.any(1)).to(dt)[:, None, None, None]
             final = final + S0 * G[:, :, -1, :, None].exp() * keep
-    return o.transpose(1, 2).to(v.dtype), final
+    return o.transpose(1, 2).to(out_dtype), final
 
 
 # --------------------------------------------------------------------------- recurrent
@@ -155,13 +158,15 @@ def gla_chunk(q, k, v, g, *, scale, initial_state=None, output_final_state=False
               chunk_size=64, sub_chunk=16):
     """Chunked parallel form.
 
-    Within a chunk of C tokens, ``b`` is the cumulative log decay from the chunk start. Token
-    pairs in the same sub-chunk of ``sub_chunk`` tokens use ``exp(b_i - b_j)`` directly (a small
-    [c, c, K] product); pairs across sub-chunks are factored through the end of the sub-chunk
-    before ``i``'s, ``r``: ``exp(b_i - b_r) * exp(b_r - b_j)``, both exponents <= 0, so nothing
-    overflows however strong the decay. Chunk states are then scanned sequentially.
+    Within a chunk of C tokens, ``b`` is the cumulative log decay from the chunk start and the
+    scores are ``A_ij = sum_k q_ik k_jk exp(b_ik - b_jk)``. Usually one matmul computes them
+    exactly as ``(q e^b)(k e^-b)^T``; if a chunk's total decay is too strong for that to be
+    representable, ``_intra_chunk_stable`` (sub-chunks of ``sub_chunk`` tokens, exponents always
+    <= 0) takes over, so the result is stable for any gate strength. Chunk states are then
+    scanned sequentially.
     """
     dt = _compute_dtype(q)
+    out_dtype = v.dtype  # v is reassigned below (same fix as in gla_naive)
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = max(sub_chunk, (chunk_size // sub_chunk) * sub_chunk)
@@ -173,7 +178,6 @@ def gla_chunk(q, k, v, g, *, scale, initial_state=None, output_final_state=False
         if reset is not None:
             reset = torch.nn.functional.pad(reset, (0, pad), value=False)
     N = (T + pad) // C
-    S_sub = C // c
     # [B, H, N, C, *]
     q, k, g = (x.to(dt).transpose(1, 2).reshape(B, H, N, C, K) for x in (q, k, g))
     v = v.to(dt).transpose(1, 2).reshape(B, H, N, C, V)
@@ -185,26 +189,16 @@ def gla_chunk(q, k, v, g, *, scale, initial_state=None, output_final_state=False
         seg = reset.view(B, N, C).long().cumsum(2)[:, None]  # [B, 1, N, C]: resets seen so far in the chunk
 
     # ---- intra-chunk scores A[i, j], j <= i
-    qs, ks, bs = (x.reshape(B, H, N, S_sub, c, K) for x in (q, k, b))
-    # (a) across sub-chunks: reference r = last position of the sub-chunk before i's.
-    b_ref = torch.cat([torch.zeros_like(bs[:, :, :, :1, -1]), bs[:, :, :, :-1, -1]], 3)  # [B,H,N,S,K]
-    q_t = qs * (bs - b_ref[:, :, :, :, None]).exp()  # [B,H,N,S,c,K]
-    kb = b_ref[:, :, :, :, None, :] - b[:, :, :, None, :, :]  # [B,H,N,S(i),C(j),K]
-    j_sub = torch.arange(C, device=q.device) // c
-    before = j_sub[None, :] < torch.arange(S_sub, device=q.device)[:, None]  # [S, C]: j in an earlier sub-chunk
-    kb = torch.where(before[..., None], kb, torch.full_like(kb, float("-inf")))
-    k_t = k[:, :, :, None] * kb.exp()  # [B,H,N,S,C,K]
-    A = q_t @ k_t.transpose(-1, -2)  # [B,H,N,S,c,C]
-    # (b) within a sub-chunk: direct pairwise decay, one key column at a time.
-    tri = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
-    diag = []
-    for j in range(c):
-        e = (bs - bs[..., j : j + 1, :]).clamp(max=0)  # rows i < j are masked below
-        diag.append((qs * ks[..., j : j + 1, :] * e.exp()).sum(-1))  # [B,H,N,S,c]
-    A_diag = torch.stack(diag, -1) * tri  # [B,H,N,S,c,c]
-    A = A.reshape(B, H, N, S_sub, c, S_sub, c)
-    eye = torch.eye(S_sub, dtype=torch.bool, device=q.device)[None, None, None, :, None, :, None]
-    A = torch.where(eye, A_diag[:, :, :, :, :, None, :].expand_as(A), A).reshape(B, H, N, C, C)
+    # Fast path: when no chunk decays by more than `limit` nats, exp(b_i) and exp(-b_j) are both
+    # representable, so A = (q e^b)(k e^-b)^T is one exact matmul. Otherwise (very strong gates)
+    # fall back to the sub-chunk form, which never exponentiates a positive number.
+    limit = 80.0 if dt == torch.float32 else 600.0
+    q_in = q * b.exp()  # also the query side of the inter-chunk term below
+    if float(-b[:, :, :, -1].detach().min()) <= limit:
+        A = q_in @ (k * (-b).exp()).transpose(-1, -2)
+        A = A * torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    else:
+        A = _intra_chunk_stable(q, k, b, c)
     if seg is not None:
         A = A * (seg[..., :, None] == seg[..., None, :])
     o = A @ v  # [B,H,N,C,V]
@@ -225,9 +219,37 @@ def gla_chunk(q, k, v, g, *, scale, initial_state=None, output_final_state=False
         starts.append(S)
         S = decay[:, :, n, :, None] * S + U[:, :, n]
     S_prev = torch.stack(starts, 2)  # [B,H,N,K,V]: state entering each chunk
-    q_in = q * b.exp()
     if seg is not None:
         q_in = q_in * (seg == 0)[..., None]
     o = o + q_in @ S_prev
     o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2)
-    return o.to(v.dtype), (S if output_final_state else None)
+    return o.to(out_dtype), (S if output_final_state else None)
+
+
+def _intra_chunk_stable(q, k, b, c):
+    """Intra-chunk scores ``A [B, H, N, C, C]`` without exponentiating anything positive: pairs
+    in the same sub-chunk of ``c`` tokens use ``exp(b_i - b_j)`` directly; pairs across
+    sub-chunks are factored through the end of the sub-chunk before ``i``'s."""
+    B, H, N, C, K = q.shape
+    S_sub = C // c
+    qs, ks, bs = (x.reshape(B, H, N, S_sub, c, K) for x in (q, k, b))
+    # (a) across sub-chunks: reference r = last position of the sub-chunk before i's.
+    b_ref = torch.cat([torch.zeros_like(bs[:, :, :, :1, -1]), bs[:, :, :, :-1, -1]], 3)  # [B,H,N,S,K]
+    q_t = qs * (bs - b_ref[:, :, :, :, None]).exp()  # [B,H,N,S,c,K]
+    kb = b_ref[:, :, :, :, None, :] - b[:, :, :, None, :, :]  # [B,H,N,S(i),C(j),K]
+    j_sub = torch.arange(C, device=q.device) // c
+    before = j_sub[None, :] < torch.arange(S_sub, device=q.device)[:, None]  # [S, C]: j in an earlier sub-chunk
+    kb = torch.where(before[..., None], kb, torch.full_like(kb, float("-inf")))
+    k_t = k[:, :, :, None] * kb.exp()  # [B,H,N,S,C,K]
+    A = q_t @ k_t.transpose(-1, -2)  # [B,H,N,S,c,C]
+    # (b) within a sub-chunk: direct pairwise decay, one key column at a time.
+    tri = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    diag = []
+    for j in range(c):
+        e = (bs - bs[..., j : j + 1, :]).clamp(max=0)  # rows i < j are masked below
+        diag.append((qs * ks[..., j : j + 1, :] * e.exp()).sum(-1))  # [B,H,N,S,c]
+    A_diag = torch.stack(diag, -1) * tri  # [B,H,N,S,c,c]
+    A = A.reshape(B, H, N, S_sub, c, S_sub, c)
+    eye = torch.eye(S_sub, dtype=torch.bool, device=q.device)[None, None, None, :, None, :, None]
+    A = torch.where(eye, A_diag[:, :, :, :, :, None, :].expand_as(A), A).reshape(B, H, N, C, C)
+    return A

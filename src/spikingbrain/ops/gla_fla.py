@@ -64,6 +64,10 @@ def gla_fla(q, k, v, g, *, scale, initial_state=None, output_final_state=False, 
             final = final[row_last]
         return o.reshape(B, T, H, -1).to(dtype), final
     s0 = None if initial_state is None else initial_state.float()
+    if s0 is not None and reset is not None:
+        # a reset at t = 0 drops the initial state (the contract of ops.gla); the branch above
+        # only handles resets after the first token
+        s0 = s0 * (~reset[:, 0].bool()).float()[:, None, None, None]
     if T <= 64:  # decoding / short chunks: the fused recurrence (its gate argument is `gk`)
         o, final = fused_recurrent_gla(q=q, k=k, v=v, gk=g, scale=scale, initial_state=s0,
                                        output_final_state=output_final_state)

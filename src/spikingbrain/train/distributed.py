@@ -10,6 +10,10 @@ each rank gets ``batch_size / grad_accum / world_size`` rows per micro-batch.
   last micro-batch).
 - FSDP2: ``torch.distributed.fsdp.fully_shard`` on every decoder layer (the model's
   ``_no_split_modules`` classes) and then on the root; parameters become ``DTensor`` shards.
+- Context parallelism (``context_parallel: N``, ``spikingbrain.parallel``): the ranks form a
+  ``[world / N, N]`` data x context mesh; data are split over the ``world / N`` data-parallel
+  ranks (``dp_rank`` / ``dp_size``), each sequence over the ``N`` ranks of ``cp_group``.
+  DDP / FSDP still average gradients over the whole world.
 """
 from __future__ import annotations
 
@@ -32,6 +36,16 @@ class DistInfo:
     local_rank: int
     device: torch.device
     owns_group: bool  # this module created the process group (and destroys it)
+    cp_size: int = 1  # context parallelism: ranks that split each sequence
+    cp_group: object = None  # this rank's context-parallel process group
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.cp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.cp_size
 
     @property
     def is_main(self) -> bool:
@@ -42,7 +56,17 @@ class DistInfo:
         return dist.is_available() and dist.is_initialized()
 
 
-def init_distributed(mode: str, device: str | None = None) -> DistInfo:
+def init_distributed(mode: str, device: str | None = None, context_parallel: int = 1) -> DistInfo:
+    info = _init_distributed(mode, device)
+    if context_parallel > 1:
+        from spikingbrain.parallel.mesh import init_mesh
+
+        mesh = init_mesh(context_parallel)
+        info.cp_size, info.cp_group = mesh.cp_size, mesh.cp_group
+    return info
+
+
+def _init_distributed(mode: str, device: str | None = None) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and mode == "none":
         raise SpikingBrainError(

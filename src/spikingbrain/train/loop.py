@@ -55,7 +55,7 @@ def train(recipe: Recipe, *, resume: bool | str = False, max_steps: int | None =
     """Run ``recipe``. ``resume``: True (latest checkpoint under the run, if any) or a
     checkpoint directory. ``max_steps``: stop when the global step reaches it (the LR schedule
     still spans the recipe's steps)."""
-    info = D.init_distributed(recipe.distributed, device)
+    info = D.init_distributed(recipe.distributed, device, recipe.context_parallel)
     try:
         return Trainer(recipe, info, progress=progress).run(resume=resume, max_steps=max_steps)
     finally:
@@ -103,12 +103,14 @@ class Trainer:
         encoder = DocumentEncoder(self.tokenizer, r.objective.type, r.data.text_field, r.data.messages_field)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else encoder.eos_id
         self.data = TrainData(r.data, encoder, int(pad), seed=r.seed, batch_size=r.optim.batch_size,
-                              grad_accum=r.optim.grad_accum, rank=info.rank, world_size=info.world_size,
+                              grad_accum=r.optim.grad_accum, rank=info.dp_rank, world_size=info.dp_size,
                               show_progress=self.show and info.is_main)
         calib = None
         if r.model.convert is not None and self.resume_from is None:
             calib = torch.from_numpy(self.data.peek(min(r.seq_len_at(0), 256), 4)["input_ids"])
         model = build_student(r, self.tokenizer, teachers, calib)
+        if info.cp_size > 1 and not hasattr(getattr(model, "model", None), "compute_sink_kv"):
+            raise SpikingBrainError("recipe field context_parallel: needs a SpikingBrain student model")
         apply_spiking(model, r)
         torch.manual_seed(r.seed + 1)  # LoRA init, independent of how the model was built
         self.counts = select_trainable(model, r.trainable.params, r.trainable.lora)
@@ -143,6 +145,23 @@ class Trainer:
             kw["output_router_logits"] = True
         return model(input_ids=mb["input_ids"], position_ids=mb["position_ids"], **kw)
 
+    def _context_parallel_losses(self, mb: dict[str, torch.Tensor]):
+        """``(token losses, aux)`` of this rank's shard of the micro-batch's sequences
+        (``spikingbrain.parallel.context_parallel_loss``). The MoE aux share is scaled by the
+        context size so that DDP's average over the world weighs it as without sharding."""
+        from spikingbrain.parallel import context_parallel_loss, shard_bounds
+
+        info, o = self.info, self.r.objective
+        t_logits = None
+        if self.teacher is not None:  # the teacher runs unsharded; its logits for this shard
+            s, e = shard_bounds(mb["input_ids"].shape[1], info.cp_size)[info.rank % info.cp_size]
+            with torch.no_grad():
+                t_logits = self._forward(self.teacher, mb).logits[:, s:e]
+        res = context_parallel_loss(self.fwd, mb["input_ids"], mb["labels"], position_ids=mb["position_ids"],
+                                    group=info.cp_group, teacher_logits=t_logits, kl_temperature=o.kl_temperature)
+        aux = res.aux * info.cp_size if res.aux is not None else None
+        return {"ce_sum": res.ce_sum, "kl_sum": res.kl_sum, "n": res.n}, aux
+
     def train_step(self, seq_len: int, lr: float) -> dict:
         r, info = self.r, self.info
         batch = self.data.next_batch(seq_len)
@@ -155,14 +174,17 @@ class Trainer:
         for i, mb in enumerate(batch.micro):
             mb = {k: v.to(info.device, non_blocking=True) for k, v in mb.items()}
             with D.no_grad_sync(self.model, info, sync=i == last), _autocast(r, info.device):
-                out = self._forward(self.fwd, mb)
-                t_logits = None
-                if self.teacher is not None:
-                    with torch.no_grad():
-                        t_logits = self._forward(self.teacher, mb).logits
-                tl = token_losses(out.logits, mb["labels"], t_logits, o.kl_temperature)
+                if info.cp_size > 1:
+                    tl, aux = self._context_parallel_losses(mb)
+                else:
+                    out = self._forward(self.fwd, mb)
+                    t_logits = None
+                    if self.teacher is not None:
+                        with torch.no_grad():
+                            t_logits = self._forward(self.teacher, mb).logits
+                    tl = token_losses(out.logits, mb["labels"], t_logits, o.kl_temperature)
+                    aux = aux_loss(self.module, out)
                 loss = (o.ce_weight * tl["ce_sum"] + o.kl_weight * tl["kl_sum"]) * norm
-                aux = aux_loss(self.module, out)
                 if aux is not None:
                     loss = loss + aux.float() / len(batch.micro)
                 loss.backward()

@@ -150,6 +150,9 @@ class Recipe:
     grad_checkpointing: bool = False
     compile: bool = False
     distributed: Literal["none", "ddp", "fsdp"] = "none"
+    # ranks that split each sequence (context parallelism, spikingbrain.parallel): the processes
+    # form a [world / N, N] data x context mesh; every N consecutive ranks share batch rows
+    context_parallel: int = 1
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     eval: EvalSection = field(default_factory=EvalSection)
     log: LogSection = field(default_factory=LogSection)
@@ -431,6 +434,13 @@ def _validate(r: Recipe, check_files: bool) -> None:
             raise SpikingBrainError("recipe field trainable.lora.targets: needs at least one module name")
     if t.params == "none" and t.lora is None:
         raise SpikingBrainError("recipe field trainable.params: 'none' leaves nothing to train (add trainable.lora)")
+    _positive(r.context_parallel, "context_parallel")
+    if r.context_parallel > 1:
+        if r.distributed == "none":
+            raise SpikingBrainError("recipe field context_parallel: needs distributed: ddp or fsdp")
+        if r.compile or r.grad_checkpointing:
+            raise SpikingBrainError("recipe field context_parallel: cannot be combined with compile or "
+                                    "grad_checkpointing")
     _positive(r.checkpoint.every, "checkpoint.every", allow_zero=True)
     _positive(r.checkpoint.keep_last, "checkpoint.keep_last")
     _positive(r.eval.every, "eval.every", allow_zero=True)
@@ -455,9 +465,12 @@ def _validate(r: Recipe, check_files: bool) -> None:
 
 def check_world(r: Recipe, world_size: int) -> None:
     """Checks that need the number of processes (run before the model is built)."""
-    per = r.optim.grad_accum * world_size
+    cp = r.context_parallel
+    if world_size % cp:
+        raise SpikingBrainError(f"recipe field context_parallel: {cp} does not divide the {world_size} processes")
+    per = r.optim.grad_accum * (world_size // cp)
     if r.optim.batch_size % per:
         raise SpikingBrainError(
             f"recipe field optim.batch_size: {r.optim.batch_size} is not divisible by "
-            f"optim.grad_accum * world_size = {r.optim.grad_accum} * {world_size}"
+            f"optim.grad_accum * world_size / context_parallel = {r.optim.grad_accum} * {world_size // cp}"
         )

@@ -1,0 +1,223 @@
+"""spikingbrain.ops.gla: the naive, chunked and recurrent forms agree (outputs, final states,
+gradients) in fp64, stay finite under strong decay, honour packed-document resets, and the
+dispatcher gives clear errors."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spikingbrain.errors import SpikingBrainError
+from spikingbrain.ops import gla
+from testutils import assert_close_rel
+
+B, H, K, V = 2, 3, 8, 6
+CHUNK = 32  # lengths below are chosen not to be multiples of it (nor of the 16-token sub-chunk)
+LENGTHS = [1, 7, 63, 65, 130]
+TOL64 = 1e-10  # measured: <= 3e-14 (outputs/states), <= 1e-13 (gradients)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_inputs(T, *, seed=0, gate_scale=1.0, dtype=torch.float64, b=B, h=H):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, T, h, K, generator=g, dtype=dtype)
+    k = torch.randn(b, T, h, K, generator=g, dtype=dtype)
+    v = torch.randn(b, T, h, V, generator=g, dtype=dtype)
+    gate = F.logsigmoid(torch.randn(b, T, h, K, generator=g, dtype=dtype) + 2.0) * gate_scale
+    s0 = torch.randn(b, h, K, V, generator=g, dtype=dtype)
+    return q, k, v, gate, s0
+
+
+@pytest.mark.parametrize("T", LENGTHS)
+@pytest.mark.parametrize("with_state", [False, True])
+def test_forms_agree_forward(T, with_state):
+    q, k, v, g, s0 = make_inputs(T, seed=T)
+    s0 = s0 if with_state else None
+    ref_o, ref_s = gla(q, k, v, g, initial_state=s0, output_final_state=True, mode="naive")
+    assert ref_o.shape == (B, T, H, V) and ref_s.shape == (B, H, K, V)
+    for mode in ("chunk", "recurrent"):
+        o, s = gla(q, k, v, g, initial_state=s0, output_final_state=True, mode=mode, chunk_size=CHUNK)
+        assert o.dtype == torch.float64
+        assert_close_rel(o, ref_o, TOL64, f"{mode} o")
+        assert_close_rel(s, ref_s, TOL64, f"{mode} final state")
+
+
+def test_naive_matches_explicit_loop():
+    """The naive reference itself against the recurrence written out by hand, per head."""
+    T = 9
+    q, k, v, g, s0 = make_inputs(T, seed=3)
+    o, s = gla(q, k, v, g, initial_state=s0, output_final_state=True, mode="naive", scale=0.7)
+    S = s0.clone()
+    for t in range(T):
+        S = S * g[:, t].exp()[..., None] + k[:, t, :, :, None] * v[:, t, :, None, :]
+        expected = torch.einsum("bhk,bhkv->bhv", q[:, t] * 0.7, S)
+        assert_close_rel(o[:, t], expected, 1e-12, f"t={t}")
+    assert_close_rel(s, S, 1e-12, "state")
+
+
+def test_no_final_state_unless_asked():
+    q, k, v, g, _ = make_inputs(20)
+    for mode in ("naive", "chunk", "recurrent"):
+        _, s = gla(q, k, v, g, mode=mode)
+        assert s is None
+
+
+@pytest.mark.parametrize("T", LENGTHS)
+@pytest.mark.parametrize("with_reset", [False, True])
+@pytest.mark.parametrize("gate_scale", [1.0, 300.0], ids=["decay-normal", "decay-strong"])
+def test_forms_agree_gradients(T, with_reset, gate_scale):
+    """Gradients of q, k, v, g and the initial state (loss touches the output and final state).
+    ``decay-strong`` (hundreds of nats per chunk) takes the chunk form's overflow-safe path."""
+    base = make_inputs(T, seed=100 + T, gate_scale=gate_scale)
+    gen = torch.Generator().manual_seed(7)
+    do = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
+    ds = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64)
+    reset = None
+    if with_reset:
+        reset = torch.zeros(B, T, dtype=torch.bool)
+        reset[0, T // 2] = True
+        reset[1, T // 3] = True
+    grads = {}
+    for mode in ("naive", "chunk", "recurrent"):
+        xs = [x.clone().requires_grad_() for x in base]
+        o, s = gla(*xs[:4], initial_state=xs[4], output_final_state=True, mode=mode,
+                   chunk_size=CHUNK, reset=reset)
+        ((o * do).sum() + (s * ds).sum()).backward()
+        grads[mode] = [x.grad for x in xs]
+    for mode in ("chunk", "recurrent"):
+        for name, a, b in zip(("dq", "dk", "dv", "dg", "ds0"), grads[mode], grads["naive"]):
+            # atol: with T = 1 and a reset at t = 0, dg is exactly 0 in the naive form
+            assert_close_rel(a, b, TOL64, f"{mode} {name}", atol=1e-13)
+
+
+@pytest.mark.parametrize("mode", ["naive", "chunk", "recurrent"])
+def test_strong_decay_stays_finite(mode):
+    """g down to about -60 per step (exp(-60 * 64) underflows): outputs, states and gradients
+    stay finite in fp32, and agree with the fp64 recurrence."""
+    q, k, v, g, s0 = make_inputs(130, seed=5, gate_scale=30.0, dtype=torch.float32)
+    assert g.min() < -50
+    xs = [x.clone().requires_grad_() for x in (q, k, v, g, s0)]
+    o, s = gla(*xs[:4], initial_state=xs[4], output_final_state=True, mode=mode, chunk_size=64)
+    assert torch.isfinite(o).all() and torch.isfinite(s).all()
+    (o.sum() + s.sum()).backward()
+    for x in xs:
+        assert torch.isfinite(x.grad).all()
+    ref_o, ref_s = gla(*(x.double() for x in (q, k, v, g)), initial_state=s0.double(),
+                       output_final_state=True, mode="recurrent")
+    assert_close_rel(o, ref_o, 1e-5, "o vs fp64")
+    assert_close_rel(s, ref_s, 1e-5, "state vs fp64")
+
+
+@pytest.mark.parametrize("mode", ["naive", "chunk", "recurrent"])
+def test_reset_equals_separate_documents(mode):
+    """Row 0 packs three documents, row 1 two; the initial state belongs to the first one."""
+    T = 100
+    q, k, v, g, s0 = make_inputs(T, seed=11)
+    bounds = {0: [0, 30, 77, T], 1: [0, 50, T]}
+    reset = torch.zeros(B, T, dtype=torch.bool)
+    for b, bs in bounds.items():
+        for start in bs[1:-1]:
+            reset[b, start] = True
+    o, s = gla(q, k, v, g, initial_state=s0, output_final_state=True, mode=mode, reset=reset,
+               chunk_size=CHUNK)
+    for b, bs in bounds.items():
+        parts = []
+        for i, (a, e) in enumerate(zip(bs[:-1], bs[1:])):
+            oo, ss = gla(q[b:b + 1, a:e], k[b:b + 1, a:e], v[b:b + 1, a:e], g[b:b + 1, a:e],
+                         initial_state=s0[b:b + 1] if i == 0 else None, output_final_state=True,
+                         mode="recurrent")
+            parts.append(oo)
+        assert_close_rel(o[b:b + 1], torch.cat(parts, 1), TOL64, f"row {b} outputs")
+        assert_close_rel(s[b:b + 1], ss, TOL64, f"row {b} final state (last document)")
+
+
+def test_reset_at_first_token_drops_initial_state():
+    T = 20
+    q, k, v, g, s0 = make_inputs(T, seed=2)
+    reset = torch.zeros(B, T, dtype=torch.bool)
+    reset[:, 0] = True
+    ref = gla(q, k, v, g, output_final_state=True, mode="recurrent")
+    for mode in ("naive", "chunk", "recurrent"):
+        o, s = gla(q, k, v, g, initial_state=s0, output_final_state=True, mode=mode, reset=reset)
+        assert_close_rel(o, ref[0], TOL64, mode)
+        assert_close_rel(s, ref[1], TOL64, mode)
+
+
+def test_integer_reset_mask_equals_bool():
+    """A 0/1 integer mask means the same as a bool one (``~`` on ints would flip signs)."""
+    T = 40
+    q, k, v, g, s0 = make_inputs(T, seed=4)
+    reset = torch.zeros(B, T, dtype=torch.bool)
+    reset[:, 17] = True
+    for mode in ("naive", "chunk", "recurrent"):
+        a = gla(q, k, v, g, initial_state=s0, output_final_state=True, mode=mode, reset=reset)
+        b = gla(q, k, v, g, initial_state=s0, output_final_state=True, mode=mode, reset=reset.long())
+        assert_close_rel(b[0], a[0], 1e-14, mode)
+        assert_close_rel(b[1], a[1], 1e-14, mode)
+
+
+@pytest.mark.parametrize("chunk_size", [16, 48, 64, 128])
+def test_chunk_size_does_not_matter(chunk_size):
+    q, k, v, g, s0 = make_inputs(97, seed=9)
+    ref = gla(q, k, v, g, initial_state=s0, output_final_state=True, mode="recurrent")
+    o, s = gla(q, k, v, g, initial_state=s0, output_final_state=True, mode="chunk", chunk_size=chunk_size)
+    assert_close_rel(o, ref[0], TOL64)
+    assert_close_rel(s, ref[1], TOL64)
+
+
+def test_default_scale_is_inverse_sqrt_k():
+    q, k, v, g, _ = make_inputs(10)
+    a, _ = gla(q, k, v, g, mode="chunk")
+    b, _ = gla(q, k, v, g, mode="chunk", scale=K ** -0.5)
+    assert torch.equal(a, b)
+
+
+def test_low_precision_inputs():
+    """bf16 in, bf16 out, fp32 state; close to the fp64 result."""
+    q, k, v, g, s0 = make_inputs(70, seed=6)
+    o, s = gla(q.bfloat16(), k.bfloat16(), v.bfloat16(), g.float(), initial_state=s0.float(),
+               output_final_state=True, mode="chunk")
+    assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
+    ref = gla(q, k, v, g, initial_state=s0, output_final_state=True, mode="recurrent")
+    assert_close_rel(o, ref[0], 2e-2)
+    assert_close_rel(s, ref[1], 2e-2)
+
+
+def test_auto_on_cpu_is_chunk_or_recurrent():
+    q, k, v, g, s0 = make_inputs(65, seed=8)
+    auto = gla(q, k, v, g, initial_state=s0, output_final_state=True, mode="auto")
+    chunk = gla(q, k, v, g, initial_state=s0, output_final_state=True, mode="chunk")
+    assert torch.equal(auto[0], chunk[0]) and torch.equal(auto[1], chunk[1])
+    # a few tokens (decoding) may take the recurrence: same values
+    short = [x[:, :3] for x in (q, k, v, g)]
+    auto = gla(*short, initial_state=s0, output_final_state=True)
+    chunk = gla(*short, initial_state=s0, output_final_state=True, mode="chunk")
+    assert_close_rel(auto[0], chunk[0], TOL64)
+    assert_close_rel(auto[1], chunk[1], TOL64)
+
+
+def test_fla_mode_on_cpu_is_a_clear_error():
+    q, k, v, g, _ = make_inputs(8, dtype=torch.float32)
+    with pytest.raises(SpikingBrainError, match="CUDA"):
+        gla(q, k, v, g, mode="fla")
+
+
+def test_unknown_mode_and_bad_shapes_are_clear_errors():
+    q, k, v, g, s0 = make_inputs(8)
+    with pytest.raises(SpikingBrainError, match="unknown mode"):
+        gla(q, k, v, g, mode="fast")
+    with pytest.raises(SpikingBrainError, match=r"\[B, T, H, K\]"):
+        gla(q[0], k[0], v[0], g[0])
+    with pytest.raises(SpikingBrainError, match="q, k, g must share"):
+        gla(q, k[:, :4], v, g)
+    with pytest.raises(SpikingBrainError, match="v must be"):
+        gla(q, k, v[:, :4], g)
+    with pytest.raises(SpikingBrainError, match="initial_state"):
+        gla(q, k, v, g, initial_state=s0[:, :1])
+    with pytest.raises(SpikingBrainError, match="reset"):
+        gla(q, k, v, g, reset=torch.zeros(B, 3, dtype=torch.bool))

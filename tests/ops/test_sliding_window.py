@@ -1,0 +1,163 @@
+"""spikingbrain.ops.windowed_attention against masked full softmax attention: exactly ``w`` keys
+per query (itself included), GQA, cached past keys in ring-buffer order, padding, documents,
+sink keys; and long inputs are processed in blocks (no T x T mask)."""
+import time
+
+import pytest
+import torch
+
+import spikingbrain.ops.sliding_window as sw
+from spikingbrain.ops import windowed_attention
+from testutils import assert_close_rel
+
+D = 8
+TOL = 1e-12  # fp64; measured <= 2e-16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def reference(q, k, v, allowed, sink_k=None, sink_v=None):
+    """Softmax attention with an explicit boolean ``allowed [B, T, L]`` (GQA by repetition)."""
+    H, Hkv = q.shape[1], k.shape[1]
+    k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+    if sink_k is not None:
+        B, T = q.shape[0], q.shape[2]
+        S = sink_k.shape[2]
+        k = torch.cat([sink_k.expand(B, -1, -1, -1).repeat_interleave(H // Hkv, 1), k], 2)
+        v = torch.cat([sink_v.expand(B, -1, -1, -1).repeat_interleave(H // Hkv, 1), v], 2)
+        allowed = torch.cat([torch.ones(B, T, S, dtype=torch.bool), allowed], 2)
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    s = s.masked_fill(~allowed[:, None], float("-inf"))
+    return s.softmax(-1) @ v
+
+
+def window_mask(T, w):
+    i = torch.arange(T)[:, None]
+    j = torch.arange(T)[None]
+    return (j <= i) & (j > i - w)
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("w", [1, 3, 16, 64])
+@pytest.mark.parametrize("frac", [0.05, 0.5, 1.0, 1.02, 2.0, 2.98])
+@pytest.mark.parametrize("block_size", [None, 7])
+def test_equals_masked_softmax(w, frac, block_size):
+    """T < 3w, GQA (4 query heads, 2 KV heads), default blocks and tiny blocks."""
+    T = max(1, int(frac * w))
+    B, H, Hkv = 2, 4, 2
+    q, k, v = rand(B, H, T, D, seed=1), rand(B, Hkv, T, D, seed=2), rand(B, Hkv, T, D, seed=3)
+    pos = torch.arange(T)[None].expand(B, T)
+    o = windowed_attention(q, k, v, q_pos=pos, k_pos=pos, window=w, block_size=block_size)
+    allowed = window_mask(T, w)[None].expand(B, T, T)
+    assert int(allowed[0].sum(1).max()) == min(w, T)  # the reference sees exactly w keys
+    assert_close_rel(o, reference(q, k, v, allowed), TOL, f"w={w} T={T}")
+
+
+@pytest.mark.parametrize("w,T", [(16, 300), (5, 260), (64, 700)])
+def test_long_inputs_blocked(w, T):
+    """Longer than the default block (max(256, w)): the blocked path."""
+    q, k, v = rand(1, 2, T, D, seed=4), rand(1, 1, T, D, seed=5), rand(1, 1, T, D, seed=6)
+    pos = torch.arange(T)[None]
+    o = windowed_attention(q, k, v, q_pos=pos, k_pos=pos, window=w)
+    assert_close_rel(o, reference(q, k, v, window_mask(T, w)[None]), TOL)
+
+
+def test_window_none_is_causal():
+    T = 40
+    q, k, v = rand(2, 4, T, D, seed=7), rand(2, 2, T, D, seed=8), rand(2, 2, T, D, seed=9)
+    pos = torch.arange(T)[None].expand(2, T)
+    o = windowed_attention(q, k, v, q_pos=pos, k_pos=pos, window=None)
+    assert_close_rel(o, reference(q, k, v, window_mask(T, T)[None].expand(2, T, T)), TOL)
+
+
+@pytest.mark.parametrize("T,block_size", [(1, None), (10, None), (37, None), (37, 8)])
+def test_past_keys_from_a_ring_buffer(T, block_size):
+    """Queries ``P .. P+T-1`` of a longer stream; the past is the last ``w`` keys stored in
+    ring-buffer order (slot = position % w), so keys are not sorted by position."""
+    w, P = 12, 30
+    N = P + T
+    B, H, Hkv = 2, 4, 2
+    q, k, v = rand(B, H, N, D, seed=10), rand(B, Hkv, N, D, seed=11), rand(B, Hkv, N, D, seed=12)
+    past_pos = torch.arange(P - w, P)
+    slots = past_pos % w
+    ring = torch.empty(w, dtype=torch.long)
+    ring[slots] = past_pos  # ring[s] = position stored in slot s
+    k_all = torch.cat([k[:, :, ring], k[:, :, P:]], 2)
+    v_all = torch.cat([v[:, :, ring], v[:, :, P:]], 2)
+    k_pos = torch.cat([ring, torch.arange(P, N)])[None].expand(B, -1)
+    q_pos = torch.arange(P, N)[None].expand(B, -1)
+    o = windowed_attention(q[:, :, P:], k_all, v_all, q_pos=q_pos, k_pos=k_pos, window=w,
+                           k_valid=torch.ones(B, w + T, dtype=torch.bool), block_size=block_size)
+    ref = reference(q, k, v, window_mask(N, w)[None].expand(B, N, N))[:, :, P:]
+    assert_close_rel(o, ref, TOL)
+
+
+def test_padding_documents_and_sinks():
+    """Left padding (invalid keys), two packed documents in row 0, and sink keys every query
+    sees; padded queries still get finite outputs (they see their own key)."""
+    T, w, B, H, Hkv, S = 30, 8, 2, 4, 2, 3
+    q, k, v = rand(B, H, T, D, seed=13), rand(B, Hkv, T, D, seed=14), rand(B, Hkv, T, D, seed=15)
+    sink_k, sink_v = rand(1, Hkv, S, D, seed=16), rand(1, Hkv, S, D, seed=17)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, :6] = False
+    pos = torch.arange(T)[None].repeat(B, 1)
+    pos[1] = (valid[1].long().cumsum(0) - valid[1].long())
+    seg = torch.zeros(B, T, dtype=torch.long)
+    seg[0, 17:] = 1
+    pos[0, 17:] = torch.arange(T - 17)
+    o = windowed_attention(q, k, v, q_pos=pos, k_pos=pos, window=w, k_valid=valid, q_seg=seg,
+                           k_seg=seg, sink_k=sink_k, sink_v=sink_v)
+    assert torch.isfinite(o).all()
+    allowed = torch.zeros(B, T, T, dtype=torch.bool)
+    for b in range(B):
+        for i in range(T):
+            for j in range(T):
+                allowed[b, i, j] = (j <= i and j > i - w and seg[b, i] == seg[b, j] and bool(valid[b, j]))
+    ref = reference(q, k, v, allowed, sink_k, sink_v)
+    assert_close_rel(o[1][:, valid[1]], ref[1][:, valid[1]], TOL, "row 1 real tokens")
+    assert_close_rel(o[0], ref[0], TOL, "row 0 (two documents)")
+    # a query at a document start sees the sinks and itself only
+    i = 17
+    assert_close_rel(o[0, :, i], reference(q[:1, :, i:i + 1], k[:1, :, i:i + 1], v[:1, :, i:i + 1],
+                                           torch.ones(1, 1, 1, dtype=torch.bool), sink_k, sink_v)[0, :, 0], TOL)
+
+
+def test_long_input_uses_blocks_not_a_dense_mask(monkeypatch):
+    """T = 65536, w = 64: every dense piece is at most ``block x (block + w - 1)`` (a T x T
+    boolean mask alone would be 4 GiB), and the whole call takes well under a few seconds."""
+    T, w = 65536, 64
+    q = torch.randn(1, 2, T, 16)
+    k, v = torch.randn(1, 1, T, 16), torch.randn(1, 1, T, 16)
+    pos = torch.arange(T)[None]
+    shapes = []
+    real_dense = sw._dense
+
+    def spy(q_, k_, *args, **kw):
+        shapes.append((q_.shape[2], k_.shape[2]))
+        # fail before a dense T x T piece is computed (it would exhaust memory, not fail)
+        assert q_.shape[2] * k_.shape[2] <= 256 * (256 + w - 1), f"dense piece {shapes[-1]}"
+        return real_dense(q_, k_, *args, **kw)
+
+    monkeypatch.setattr(sw, "_dense", spy)
+    t0 = time.perf_counter()
+    o = windowed_attention(q, k, v, q_pos=pos, k_pos=pos, window=w)
+    elapsed = time.perf_counter() - t0
+    assert o.shape == (1, 2, T, 16) and torch.isfinite(o).all()
+    assert shapes, "expected the blocked path"
+    assert sum(s[0] for s in shapes) == T
+    assert max(s[0] * s[1] for s in shapes) <= 256 * (256 + w - 1)
+    assert elapsed < 20, f"{elapsed:.1f}s"
+    # spot-check the last query against its 64 keys
+    i = T - 1
+    ref = reference(q[:, :, i:i + 1].double(), k[:, :, i - w + 1:i + 1].double(),
+                    v[:, :, i - w + 1:i + 1].double(), torch.ones(1, 1, w, dtype=torch.bool))
+    assert_close_rel(o[:, :, i:i + 1], ref, 1e-5)
