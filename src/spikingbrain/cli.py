@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-AREAS = ["convert", "train", "spiking", "evaluation", "serve"]
+AREAS = ["convert", "train", "spiking", "evaluation", "serve", "parallel"]
 
 
 from spikingbrain.errors import SpikingBrainError as CLIError  # user-facing: no traceback, exit 2

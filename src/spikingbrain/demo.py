@@ -231,10 +231,10 @@ def distill(student, teacher, batches: torch.Tensor, steps: int, minutes: float,
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
-            log.append({"step": step + 1, "kl": float(kl), "ce": float(ce), "tokens": (step + 1) * ids.numel(),
+            log.append({"step": step + 1, "kl": float(kl.detach()), "ce": float(ce.detach()), "tokens": (step + 1) * ids.numel(),
                         "elapsed_s": time.time() - start})
             bar.update(1)
-            bar.set_postfix(kl=f"{float(kl):.3f}", ce=f"{float(ce):.3f}")
+            bar.set_postfix(kl=f"{log[-1]['kl']:.3f}", ce=f"{log[-1]['ce']:.3f}")
             if time.time() - start > 60 * minutes:
                 break
     finally:

@@ -76,7 +76,7 @@ def run_case(case, state, group) -> dict:
         model.eval()
         out = context_parallel_prefill(model, case["ids"], attention_mask=case.get("mask"), group=group,
                                        cache_rank=0, logits=case.get("logits", "local"),
-                                       halo=case.get("halo", "auto"), stats=stats)
+                                       halo=case.get("halo", "auto"), scan=case.get("scan", "auto"), stats=stats)
         res = {"start": out.start, "end": out.end, "logits": out.logits, "last_logits": out.last_logits,
                "bytes": stats.by_kind()}
         if g_rank == 0:
@@ -86,7 +86,7 @@ def run_case(case, state, group) -> dict:
     model.train()
     res = context_parallel_loss(model, case["ids"], case["labels"], position_ids=case.get("pos"),
                                 attention_mask=case.get("mask"), group=group, halo=case.get("halo", "auto"),
-                                stats=stats)
+                                scan=case.get("scan", "auto"), stats=stats)
     res.loss.backward()
     loss = res.loss.detach().clone()
     dist.all_reduce(loss, group=group)

@@ -142,3 +142,14 @@ def test_halo_lengths_follow_positions_documents_and_padding():
     mask[0, 10:14] = 0  # 4 padding tokens share a position: the window spans 4 more tokens
     run = _Run(_Comm(1, 2), sequence_metadata(1, 40, "cpu", attention_mask=mask), bounds, "auto", False)
     assert run.halo_lengths(16) == [0, 19]
+
+
+def test_cli_cp_prefill_on_one_process(capsys):
+    from spikingbrain.cli import main
+
+    assert main(["cp-prefill", "--preset", "tiny-76b", "--random-tokens", "40", "--nproc", "1",
+                 "--max-new-tokens", "3", "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "prefill of 40 tokens on 1 process(es)" in out
+    assert "same greedy continuation: True" in out
+    assert main(["cp-prefill", "--preset", "tiny"]) == 2  # no prompt: a user error, exit 2

@@ -98,7 +98,7 @@ def attention_transfer(
             out = mixers[i](x, ctx)
             loss = (out - y).pow(2).mean() / y.pow(2).mean().clamp_min(1e-8)
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()

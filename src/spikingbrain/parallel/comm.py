@@ -116,13 +116,13 @@ def _reduce_scatter_sum(g: torch.Tensor, group) -> torch.Tensor:
     return g.view((world,) + tuple(shape))[rank].clone()
 
 
-def _shift(x: torch.Tensor, recv: torch.Tensor | None, group, forward: bool) -> None:
-    """``forward``: send ``x`` to rank+1, receive ``recv`` from rank-1; else the reverse.
-    The first (forward) / last (backward) rank receives nothing; the other end sends nothing."""
+def _shift(x: torch.Tensor, recv: torch.Tensor | None, group, forward: bool, offset: int = 1) -> None:
+    """``forward``: send ``x`` to rank+offset, receive ``recv`` from rank-offset; else the
+    reverse. Ranks without a partner at that distance skip that half."""
     rank, world = group_rank_world(group)
     if world == 1:
         return
-    dst, src = (rank + 1, rank - 1) if forward else (rank - 1, rank + 1)
+    dst, src = (rank + offset, rank - offset) if forward else (rank - offset, rank + offset)
     reqs = []  # zero-length messages are skipped on both ends (both know the lengths)
     if 0 <= dst < world and x.numel():
         reqs.append(dist.isend(x.contiguous(), _global(group, dst), group=group))
@@ -147,25 +147,25 @@ class _AllGatherFn(torch.autograd.Function):
 
 
 class _ShiftFn(torch.autograd.Function):
-    """Forward: rank r sends ``x`` to r+1 and returns what r-1 sent (rank 0: ``first``, a
-    tensor of the receiving shape that nobody sent). Backward: the reverse."""
+    """Forward: rank r sends ``x`` to r+k and returns what r-k sent (zeros of ``recv_shape``
+    where there is no rank r-k). Backward: the reverse."""
 
     @staticmethod
-    def forward(ctx, x, token, comm, recv_shape):
-        ctx.comm = comm
+    def forward(ctx, x, token, comm, recv_shape, k):
+        ctx.comm, ctx.k = comm, k
         ctx.x_shape = x.shape
         y = x.new_zeros(recv_shape)
-        _shift(x, y if comm.rank > 0 else None, comm.group, forward=True)
+        _shift(x, y if comm.rank >= k else None, comm.group, forward=True, offset=k)
         return y, token.clone()
 
     @staticmethod
     def backward(ctx, gy, g_token):
-        comm = ctx.comm
+        comm, k = ctx.comm, ctx.k
         gx = gy.new_zeros(ctx.x_shape)
-        if comm.rank > 0 and gy.numel():
+        if comm.rank >= k and gy.numel():
             comm.stats.add("grad", None, _nbytes(gy), "bwd")
-        _shift(gy, gx if comm.rank < comm.world - 1 else None, comm.group, forward=False)
-        return gx, g_token, None, None
+        _shift(gy, gx if comm.rank + k < comm.world else None, comm.group, forward=False, offset=k)
+        return gx, g_token, None, None, None
 
 
 class Comm:
@@ -188,22 +188,27 @@ class Comm:
         out, self.token = _AllGatherFn.apply(x, self.token, self)
         return out
 
+    def shift(self, x: torch.Tensor, k: int, recv_shape, kind: str, layer: int | None = None) -> torch.Tensor:
+        """Send ``x`` to rank + k; return what rank - k sent, shaped ``recv_shape`` (zeros on
+        ranks < k). Empty tensors are not sent (both ends must know the shapes)."""
+        if self.rank + k < self.world and x.numel():
+            self.stats.add(kind, layer, _nbytes(x))
+        if self.world == 1:
+            return x.new_zeros(recv_shape)
+        if not self._tracked(x):
+            y = x.new_zeros(recv_shape)
+            _shift(x, y if self.rank >= k else None, self.group, forward=True, offset=k)
+            return y
+        y, self.token = _ShiftFn.apply(x, self.token, self, tuple(recv_shape), k)
+        return y
+
     def shift_next(self, x: torch.Tensor, recv_len: int, kind: str, layer: int | None = None) -> torch.Tensor:
         """Send ``x`` to the next rank; return the previous rank's ``x``, which has ``recv_len``
         entries along dim -2 (and ``x``'s other dims). Rank 0 gets a zero-length tensor; the
         last rank's ``x`` is not sent."""
-        if self.rank < self.world - 1 and x.numel():
-            self.stats.add(kind, layer, _nbytes(x))
         shape = list(x.shape)
         shape[-2] = recv_len if self.rank > 0 else 0
-        if self.world == 1:
-            return x.new_zeros(shape)
-        if not self._tracked(x):
-            y = x.new_zeros(shape)
-            _shift(x, y if self.rank > 0 else None, self.group, forward=True)
-            return y
-        y, self.token = _ShiftFn.apply(x, self.token, self, tuple(shape))
-        return y
+        return self.shift(x, 1, shape, kind, layer)
 
     def all_reduce_(self, x: torch.Tensor, kind: str, layer: int | None = None) -> torch.Tensor:
         """In-place sum over ranks, no gradient (counts, statistics)."""

@@ -8,18 +8,23 @@ whole model on its own shard; the mixers exchange only what crosses shard bounda
   from a zero state, which gives its local outputs ``o_loc``, its local final state
   ``S_r = sum_t (k_t * exp(G_end - G_t))^T v_t`` and its total decay ``D_r = exp(G_end)``
   (``G`` the cumulative log gate inside the shard; ``D_r = 0`` if a packed document starts in
-  the shard). One all-gather of ``[S_r | D_r]`` (``[B, H, K, V + 1]`` fp32 per rank) lets every
-  rank run the prefix scan ``P_0 = 0``, ``P_{j+1} = D_j * P_j + S_j``: ``P_r`` is the state
-  entering shard ``r`` and ``P_R`` the final state of the whole sequence. The local outputs
-  are then corrected: ``o_t += scale * (q_t * exp(G_t)) @ P_r`` for the tokens before the
-  shard's first document start (every exponent ``<= 0``: stable). Communication per layer and
-  rank: ``(R - 1) * B * H * K * (V + 1) * 4`` bytes, independent of ``T``.
-- **SWA** (window ``w``): the first queries of a shard need the ``w - 1`` keys/values before it
-  (the *halo*). When every shard but the last has at least ``w - 1`` tokens, rank ``r`` sends
-  its last ``w - 1`` post-RoPE keys/values to rank ``r + 1`` (one point-to-point exchange,
-  ``halo="p2p"``). Otherwise (short shards) every rank contributes its last
-  ``min(w - 1, n_r)`` tokens to one all-gather and assembles its halo from as many earlier
-  ranks as it takes (``halo="allgather"``). ``halo="auto"`` picks p2p when it is possible.
+  the shard). The exclusive prefix scan ``P_0 = 0``, ``P_{j+1} = D_j * P_j + S_j`` gives the
+  state ``P_r`` entering shard ``r`` (and ``P_R``, the final state of the sequence). Two ways
+  (``scan=``): ``"allgather"``, one all-gather of ``[S_r | D_r]`` (``[B, H, K, V + 1]`` fp32)
+  after which every rank scans the ``R`` pairs, ``(R - 1)`` states sent per rank; ``"p2p"``, a
+  Hillis-Steele scan of ``ceil(log2 R)`` point-to-point rounds plus one shift,
+  ``ceil(log2 R) + 1`` states sent per rank (``"auto"``: all-gather up to 4 ranks, p2p
+  beyond). The local outputs are then corrected: ``o_t += scale * (q_t * exp(G_t)) @ P_r`` for
+  the tokens before the shard's first document start (every exponent ``<= 0``: stable).
+  Communication per layer is independent of ``T``.
+- **SWA** (window ``w``): the first queries of a shard need the keys/values before it that
+  their window reaches (the *halo*): ``w - 1`` tokens, fewer after a document start, more
+  when padding inside the sequence stretches the window (``_Run.halo_lengths``, computed
+  from the global positions). When every shard holds the whole halo of the next one, rank
+  ``r`` sends the tail of its post-RoPE keys/values to rank ``r + 1`` (one point-to-point
+  exchange, ``halo="p2p"``). Otherwise (shards shorter than the window) every rank contributes
+  its last ``min(halo, n_r)`` tokens to one all-gather and assembles its halo from as many
+  earlier ranks as it takes (``halo="allgather"``). ``halo="auto"`` picks p2p when possible.
 - **Full attention** (``full``, ``gla+full``): all-gather of every rank's keys/values (padded
   to the longest shard); rank ``r`` attends over ranks ``0..r``'s keys.
 - **Sink tokens** are a separate short sequence every rank computes itself (their parameters
@@ -73,6 +78,7 @@ from spikingbrain.parallel.comm import Comm, CommStats
 
 IGNORE = -100
 HALO_MODES = ("auto", "p2p", "allgather")
+SCAN_MODES = ("auto", "p2p", "allgather")
 
 
 def shard_bounds(seq_len: int, world: int) -> list[tuple[int, int]]:
@@ -138,7 +144,7 @@ def sequence_metadata(B: int, T: int, device, attention_mask=None, position_ids=
 class _Run:
     """The state of one context-parallel forward on this rank."""
 
-    def __init__(self, comm: Comm, meta: SequenceMeta, bounds, halo: str, collect: bool) -> None:
+    def __init__(self, comm: Comm, meta: SequenceMeta, bounds, halo: str, collect: bool, scan: str = "auto") -> None:
         self.comm = comm
         self.meta = meta
         self.bounds = bounds
@@ -149,6 +155,9 @@ class _Run:
         if halo not in HALO_MODES:
             raise SpikingBrainError(f"halo must be one of {HALO_MODES}, got {halo!r}")
         self.halo_mode = halo
+        if scan not in SCAN_MODES:
+            raise SpikingBrainError(f"scan must be one of {SCAN_MODES}, got {scan!r}")
+        self.scan_mode = scan
         self.collect = collect
         self.records: dict[int, dict[str, torch.Tensor]] = {}
         self.sink_pass = False  # True while the model runs its sink tokens (not sharded)
@@ -166,6 +175,44 @@ class _Run:
             self.records.setdefault(layer, {}).update(tensors)
 
     # ------------------------------------------------------------------ exchanges
+    def state_scan(self, s_loc: torch.Tensor, decay: torch.Tensor, layer: int):
+        """``(state entering this shard, final state of the sequence or None)`` from every
+        rank's local final state ``s_loc [B, H, K, V]`` and total decay ``decay [B, H, K, 1]``.
+
+        The pairs compose as ``(D_a, S_a) then (D_b, S_b) = (D_a D_b, D_b S_a + S_b)``.
+        ``allgather``: one all-gather of ``[S | D]``, then every rank scans all ``R`` pairs.
+        ``p2p``: a Hillis-Steele scan, ``ceil(log2 R)`` shifts by 1, 2, 4, ... ranks (each rank
+        sends one state per round) plus one shift by 1 to make the scan exclusive: fewer bytes
+        than the all-gather's ``R - 1`` states once ``R > 4``. The final state (decode cache
+        only) is the last rank's inclusive prefix, broadcast."""
+        mode = self.scan_mode
+        if mode == "auto":
+            mode = "allgather" if self.world <= 4 else "p2p"
+        if self.world == 1:
+            return torch.zeros_like(s_loc), (s_loc if self.collect else None)
+        pkt = torch.cat([s_loc, decay], -1)
+        if mode == "allgather":
+            got = self.comm.all_gather(pkt, "gla_state", layer)
+            S, D = got[..., :-1], got[..., -1:]
+            prefix = [torch.zeros_like(s_loc)]
+            for j in range(self.world):
+                prefix.append(D[j] * prefix[-1] + S[j])
+            return prefix[self.rank], prefix[-1]
+        S, D = s_loc, decay
+        k = 1
+        while k < self.world:
+            got = self.comm.shift(torch.cat([S, D], -1), k, pkt.shape, "gla_state", layer)
+            if self.rank >= k:  # (earlier prefix) then (my span so far)
+                S = D * got[..., :-1] + S
+                D = D * got[..., -1:]
+            k *= 2
+        s_prev = self.comm.shift(S, 1, S.shape, "gla_state", layer)  # rank 0: zeros
+        final = None
+        if self.collect:
+            final = S.detach().clone()
+            self.comm.broadcast_(final, self.world - 1, "cache")
+        return s_prev, final
+
     def halo_lengths(self, window: int) -> list[int]:
         """Per rank, how many tokens before its shard its queries can see with a window of
         ``window`` *positions*: ``window - 1`` normally; fewer after a document start; more
@@ -273,13 +320,8 @@ def _linear_attention(run: _Run, mod: GatedLinearAttention, original, x, zq, zk,
     decay = G[:, -1].exp()  # [B, H, K]
     if reset is not None:
         decay = decay * (~reset.any(1)).to(dt)[:, None, None]
-    got = run.comm.all_gather(torch.cat([s_loc, decay[..., None]], -1), "gla_state", mod.layer_idx)
-    S, D = got[..., :-1], got[..., -1:]
-    prefix = [torch.zeros_like(s_loc)]
-    for j in range(run.world):
-        prefix.append(D[j] * prefix[-1] + S[j])
-    s_prev = prefix[run.rank]
-    run.record(mod.layer_idx, state=prefix[-1])
+    s_prev, final = run.state_scan(s_loc, decay[..., None], mod.layer_idx)
+    run.record(mod.layer_idx, state=final)
     # --- correction of the local outputs by the incoming state
     q_in = q.to(dt) * G.exp() * scale
     if reset is not None:
@@ -422,7 +464,7 @@ class ContextParallelOutput:
 
 def context_parallel_forward(model, input_ids: torch.Tensor, *, attention_mask=None, position_ids=None,
                              group=None, logits: str = "local", collect_cache: bool = False,
-                             cache_rank: int | None = None, halo: str = "auto",
+                             cache_rank: int | None = None, halo: str = "auto", scan: str = "auto",
                              stats: CommStats | None = None) -> ContextParallelOutput:
     """Run ``model`` (a ``SpikingBrainForCausalLM``, possibly DDP-wrapped) on this rank's shard
     of the global ``input_ids [B, T]`` (module docstring). ``logits``: ``"local"`` (this
@@ -439,7 +481,7 @@ def context_parallel_forward(model, input_ids: torch.Tensor, *, attention_mask=N
     comm = Comm(group, stats)
     bounds = shard_bounds(T, comm.world)
     meta = sequence_metadata(B, T, device, attention_mask, position_ids)
-    run = _Run(comm, meta, bounds, halo, collect_cache)
+    run = _Run(comm, meta, bounds, halo, collect_cache, scan)
     s, e = run.start, run.end
     ids = input_ids[:, s:e].to(device)
     mask = None if attention_mask is None else attention_mask[:, -T:][:, s:e].to(device)
@@ -496,7 +538,7 @@ def _build_cache(lm, run: _Run) -> SpikingBrainCache:
 @torch.no_grad()
 def context_parallel_prefill(model, input_ids: torch.Tensor, *, attention_mask=None, group=None,
                              cache_rank: int | None = 0, logits: str = "last", halo: str = "auto",
-                             stats: CommStats | None = None) -> ContextParallelOutput:
+                             scan: str = "auto", stats: CommStats | None = None) -> ContextParallelOutput:
     """Prefill the prompt ``input_ids [B, T]`` (the same on every rank of ``group``) with the
     sequence split over the ranks. Returns (``ContextParallelOutput``) the last token's logits
     on every rank and the ``SpikingBrainCache`` of the whole prompt on group rank
@@ -515,7 +557,7 @@ def context_parallel_prefill(model, input_ids: torch.Tensor, *, attention_mask=N
     try:
         return context_parallel_forward(model, input_ids, attention_mask=attention_mask, group=group,
                                         logits=logits, collect_cache=True, cache_rank=cache_rank,
-                                        halo=halo, stats=stats)
+                                        halo=halo, scan=scan, stats=stats)
     finally:
         _unwrap(model).train(was)
 
@@ -565,7 +607,7 @@ def shard_targets(labels: torch.Tensor, start: int, end: int) -> torch.Tensor:
 
 def context_parallel_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *, position_ids=None,
                           attention_mask=None, group=None, teacher_logits: torch.Tensor | None = None,
-                          kl_temperature: float = 1.0, halo: str = "auto",
+                          kl_temperature: float = 1.0, halo: str = "auto", scan: str = "auto",
                           stats: CommStats | None = None) -> ContextParallelLoss:
     """The training hook: this rank's share of the objective of the global batch
     ``input_ids / labels [B, T]`` (the same on every rank of ``group``; labels unshifted, HF
@@ -573,7 +615,7 @@ def context_parallel_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, 
     ``[B, end - start, V']`` (KL distillation, as ``train/objective.py`` defines it).
     See ``ContextParallelLoss`` for how the ranks' shares add up."""
     out = context_parallel_forward(model, input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   group=group, logits="local", halo=halo, stats=stats)
+                                   group=group, logits="local", halo=halo, scan=scan, stats=stats)
     comm, run = out.comm, out.run
     tgt = shard_targets(labels.to(out.logits.device), out.start, out.end)
     mask = tgt != IGNORE
