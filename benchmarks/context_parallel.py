@@ -5,7 +5,10 @@ For each process count ``P`` (``--procs``) the script spawns ``P`` local CPU pro
 one thread each) and times ``spikingbrain.parallel.context_parallel_prefill`` of one random
 sequence per length (``--lengths``): the median over ``--repeats`` runs after one warm-up of the
 slowest rank's wall time (barrier before and after). ``P = 1`` also times the plain
-single-process prefill ``model(ids, use_cache=True)`` as the baseline.
+single-process prefill ``model(ids, use_cache=True)`` as the baseline. "no-comm s" times the
+same ``P`` processes each running the plain forward of its own shard only (no exchange, no
+correction): what the machine allows for ``P``-way parallel work, a lower bound for the
+sharded prefill (on a shared or small CPU this, not the algorithm, limits the speed-up).
 
 Communication is what the ranks' ``CommStats`` counted (the logical bytes a rank sends: an
 all-gather of ``b`` bytes per rank sends ``(P - 1) b``, a point-to-point send its payload),
@@ -15,9 +18,9 @@ attention over the whole sequence needs per layer: ``(P - 1) * (T / P) * B * Hkv
 bytes``. The same formulas are then evaluated for the SpikingBrain-7B shapes (bf16 K/V, fp32
 states, w = 4096) at long contexts, where measuring is out of reach on a CPU.
 
-Usage (defaults: ~2-4 minutes on 2 busy cores):
+Usage (defaults: ~3-5 minutes on 2 busy cores):
     PYTHONPATH=src python3 benchmarks/context_parallel.py [--procs 1,2,4]
-        [--lengths 1024,2048,4096,8192] [--layout 7b|76b] [--repeats 3]
+        [--lengths 1024,2048,4096,8192] [--layout 7b,76b] [--repeats 3] [--scan auto|allgather|p2p]
 Writes benchmarks/results/context_parallel.json and prints the tables.
 """
 from __future__ import annotations
@@ -41,8 +44,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--procs", default="1,2,4", help="comma-separated process counts")
     p.add_argument("--lengths", default="1024,2048,4096,8192", help="comma-separated sequence lengths")
-    p.add_argument("--layout", choices=["7b", "76b"], default="7b",
-                   help="7b: alternating gla/swa; 76b: gla+swa / gla+full hybrids, sinks, MoE")
+    p.add_argument("--layout", default="7b,76b",
+                   help="comma-separated: 7b (alternating gla/swa), 76b (gla+swa / gla+full hybrids, sinks, MoE)")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--window", type=int, default=256)
@@ -80,7 +83,7 @@ def worker(cfg: dict, lengths: list[int], repeats: int, scan: str = "auto") -> d
     """On every rank: time the context-parallel prefill of each length."""
     import torch.distributed as dist
 
-    from spikingbrain.parallel import CommStats, context_parallel_prefill
+    from spikingbrain.parallel import CommStats, context_parallel_prefill, shard_bounds
 
     rank, world = dist.get_rank(), dist.get_world_size()
     model = _build(cfg)
@@ -98,6 +101,18 @@ def worker(cfg: dict, lengths: list[int], repeats: int, scan: str = "auto") -> d
             if i:  # the first run is a warm-up
                 times.append(dt)
             stats = st
+        # the same processes, each running only its shard with no exchange at all: the time
+        # this machine allows for P-way parallel work (a lower bound for the sharded prefill)
+        s, e = shard_bounds(T, world)[rank]
+        it = []
+        with torch.no_grad():
+            for i in range(repeats + 1):
+                dist.barrier()
+                t0 = time.perf_counter()
+                model(ids[:, s:e], use_cache=False, logits_to_keep=1)
+                dist.barrier()
+                if i:
+                    it.append(time.perf_counter() - t0)
         base = None
         if world == 1:
             bt = []
@@ -115,6 +130,7 @@ def worker(cfg: dict, lengths: list[int], repeats: int, scan: str = "auto") -> d
                 per_layer.setdefault(r.layer, {}).setdefault(r.kind, 0)
                 per_layer[r.layer][r.kind] += r.nbytes
         out[T] = {"seconds": statistics.median(times), "baseline_seconds": base,
+                  "independent_shards_seconds": statistics.median(it),
                   "bytes_by_kind": stats.by_kind(), "bytes_per_layer": per_layer}
     return {"rank": rank, "results": out}
 
@@ -163,14 +179,10 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:9.3f}" if n < 2**30 else f"{n / 2**30:8.2f}G"
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    sys.path.insert(0, str(HERE))
+def run_layout(layout: str, args, procs: list[int], lengths: list[int]) -> tuple[dict, list[dict]]:
     from spikingbrain.parallel.launch import spawn
 
-    procs = [int(x) for x in args.procs.split(",")]
-    lengths = [int(x) for x in args.lengths.split(",")]
-    cfg = model_config(args.layout, args.hidden, args.layers, args.window)
+    cfg = model_config(layout, args.hidden, args.layers, args.window)
     o = cfg["overrides"]
     results: dict[int, dict] = {}
     for P in procs:
@@ -178,38 +190,51 @@ def main(argv=None) -> int:
         ranks = spawn("context_parallel:worker", P, cfg, lengths, args.repeats, args.scan, sys_path=[str(HERE)],
                       timeout=3600)
         results[P] = {r["rank"]: r["results"] for r in ranks}
-        print(f"[{P} process(es): {time.perf_counter() - t0:.0f} s]", file=sys.stderr)
+        print(f"[{layout}, {P} process(es): {time.perf_counter() - t0:.0f} s]", file=sys.stderr)
 
     hkv, d, w = o["num_key_value_heads"], o["head_dim"], o["sliding_window"]
     rows = []
     for T in lengths:
-        base = results[procs[0]][0][T]["baseline_seconds"] if 1 in procs else None
+        base = results[1][0][T]["baseline_seconds"] if 1 in procs else None
         for P in procs:
             per_rank = results[P]
-            r0 = per_rank[P - 1][T]  # the last rank: it receives halos and sends its state
+            r0 = per_rank[P - 1][T]  # the last rank's view (all ranks time the same barrier-to-barrier span)
             kinds = {}
             for rk in per_rank.values():
                 for layer, by in rk[T]["bytes_per_layer"].items():
                     for kind, n in by.items():
                         kinds.setdefault(kind, []).append(n)
-            row = {"length": T, "procs": P, "seconds": r0["seconds"],
-                   "tokens_per_s": T / r0["seconds"], "single_process_seconds": base,
-                   "max_bytes_per_layer_by_kind": {k: max(v) for k, v in kinds.items()},
-                   "softmax_kv_allgather_bytes_per_layer": softmax_kv_bytes(T, P, 1, hkv, d, 4),
-                   "bytes_per_layer_rank0": per_rank[0][T]["bytes_per_layer"]}
-            rows.append(row)
+            rows.append({"layout": layout, "length": T, "procs": P, "seconds": r0["seconds"],
+                         "independent_shards_seconds": r0["independent_shards_seconds"],
+                         "tokens_per_s": T / r0["seconds"], "single_process_seconds": base,
+                         "max_bytes_per_layer_by_kind": {k: max(v) for k, v in kinds.items()},
+                         "softmax_kv_allgather_bytes_per_layer": softmax_kv_bytes(T, P, 1, hkv, d, 4),
+                         "bytes_per_layer_by_rank": {rk: per_rank[rk][T]["bytes_per_layer"] for rk in per_rank}})
 
-    print(f"\nContext-parallel prefill (scan={args.scan}), layout {args.layout}: {o['num_hidden_layers']} layers "
+    print(f"\nContext-parallel prefill (scan={args.scan}), layout {layout}: {o['num_hidden_layers']} layers "
           f"{o['layer_types']}, d={o['hidden_size']}, heads {o['num_attention_heads']}/{hkv}x{d}, "
           f"w={w}; batch 1, fp32, CPU, 1 thread per process, {os.cpu_count()} cores")
-    print(f"{'T':>7} {'P':>3} {'prefill s':>10} {'tok/s':>9} {'1-proc s':>9} | bytes sent per layer by one rank (MiB, max over ranks)")
-    print(f"{'':>7} {'':>3} {'':>10} {'':>9} {'':>9} | {'GLA state':>10} {'SWA halo':>10} {'full K/V':>10} {'softmax K/V':>12}")
+    print(f"{'T':>7} {'P':>3} {'prefill s':>10} {'tok/s':>9} {'1-proc s':>9} {'no-comm s':>9} | bytes sent per layer by one rank (MiB, max over ranks)")
+    print(f"{'':>7} {'':>3} {'':>10} {'':>9} {'':>9} {'':>9} | {'GLA state':>10} {'SWA halo':>10} {'full K/V':>10} {'softmax K/V':>12}")
     for r in rows:
         k = r["max_bytes_per_layer_by_kind"]
         base = f"{r['single_process_seconds']:9.3f}" if r["single_process_seconds"] else f"{'':>9}"
-        print(f"{r['length']:>7} {r['procs']:>3} {r['seconds']:>10.3f} {r['tokens_per_s']:>9.0f} {base} | "
+        print(f"{r['length']:>7} {r['procs']:>3} {r['seconds']:>10.3f} {r['tokens_per_s']:>9.0f} {base} "
+              f"{r['independent_shards_seconds']:>9.3f} | "
               f"{_mib(k.get('gla_state', 0)):>10} {_mib(k.get('swa_halo', 0)):>10} {_mib(k.get('full_kv', 0)):>10} "
               f"{_mib(r['softmax_kv_allgather_bytes_per_layer']):>12}")
+    return cfg, rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    sys.path.insert(0, str(HERE))
+    procs = [int(x) for x in args.procs.split(",")]
+    lengths = [int(x) for x in args.lengths.split(",")]
+    configs, rows = {}, []
+    for layout in args.layout.split(","):
+        configs[layout], r = run_layout(layout, args, procs, lengths)
+        rows += r
 
     a7 = analytic_7b()
     print("\nSame formulas at SpikingBrain-7B shapes (28 heads, 4 KV heads x 128, w=4096; bf16 K/V, fp32 states), "
@@ -223,10 +248,11 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "benchmark": "context_parallel_prefill",
-        "config": {"layout": args.layout, **cfg, "repeats": args.repeats, "batch": 1, "dtype": "float32",
-                   "scan": args.scan, "halo": "auto"},
+        "config": {"models": configs, "repeats": args.repeats, "batch": 1, "dtype": "float32",
+                   "scan": args.scan, "halo": "auto", "lengths": lengths, "procs": procs},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                    "threads_per_process": 1, "backend": "gloo"},
+                    "threads_per_process": 1, "backend": "gloo",
+                    "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None},
         "rows": rows, "analytic_7b": a7,
     }, indent=1))
     print(f"\nwrote {out}")

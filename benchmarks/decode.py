@@ -19,16 +19,18 @@ and, with ``--int8``, int8 dynamic quantization; ``--bf16`` adds a bf16 row.
 
 Usage (defaults run in a few minutes on 2 cores):
     PYTHONPATH=src python3 benchmarks/decode.py [--model DIR] [--teacher default|DIR|FILE.gguf]
-        [--contexts 1024,4096,16384] [--tokens 8] [--int8] [--bf16]
+        [--contexts 1024,4096,16384] [--tokens 8] [--int8] [--bf16] [--device cpu|cuda] [--out FILE.json]
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -47,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--gguf", default=None, help="GGUF for the llama.cpp baseline (default: the default teacher's)")
     p.add_argument("--llama-cpp-max-context", type=int, default=8192)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--device", default="cpu", help="device of the teacher and SpikingBrain models (llama.cpp: CPU)")
+    p.add_argument("--out", default=None, help="also write the results as JSON here")
     return p.parse_args(argv)
 
 
@@ -98,6 +102,7 @@ def main(argv=None) -> int:
     from spikingbrain.serve.quantize import quantize_int8
 
     teacher, student, name = load_models(args)
+    teacher, student = teacher.to(args.device), student.to(args.device)
     variants = {"sb_fp32": student}
     if args.bf16:
         variants["sb_bf16"] = copy.deepcopy(student).to(torch.bfloat16)
@@ -118,6 +123,7 @@ def main(argv=None) -> int:
     print(f"teacher: {args.teacher} ({args.teacher_dtype}); threads {args.threads}; llama.cpp: "
           f"{'yes' if gguf else 'not installed (pip install llama-cpp-python)'}")
     cols = ["teacher"] + list(variants) + (["llama_cpp"] if gguf else [])
+    rows = []
     print("\nms/token (median)")
     print("context  " + "  ".join(f"{c:>10}" for c in cols) + "  " +
           "  ".join(f"{'teacher/' + v:>16}" for v in variants) + ("  " + f"{'llama_cpp/sb_fp32':>18}" if gguf else ""))
@@ -132,6 +138,18 @@ def main(argv=None) -> int:
         lc = (f"  {row['llama_cpp'] / row['sb_fp32']:>17.2f}x" if "llama_cpp" in row else
               (f"  {'-':>18}" if gguf else ""))
         print(f"{L:>7}  {cells}  {ratios}{lc}", flush=True)
+        rows.append({"context": L, **{f"{c}_ms": row[c] for c in cols if c in row},
+                     **{f"teacher_over_{v}": row["teacher"] / row[v] for v in variants}})
+    if args.out:
+        from spikingbrain.evaluation.bench import run_info
+
+        result = {**run_info("decode", "decode.py", argv, args.device, args.threads), "model": name,
+                  "teacher": args.teacher, "teacher_dtype": args.teacher_dtype, "tokens": args.tokens,
+                  "warmup": args.warmup, "window": student.config.sliding_window,
+                  "layer_types": student.config.layer_types, "rows": rows}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.out}")
     return 0
 
 

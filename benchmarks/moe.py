@@ -148,7 +148,10 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(vars(args), torch=torch.__version__, platform=platform.platform(),
                 cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
-    out.write_text(json.dumps({"config": meta, "results": rows}, indent=2))
+    from spikingbrain.evaluation.bench import run_info
+
+    info = run_info("moe", "moe.py", argv, "cuda" if "cuda" in devices else "cpu", torch.get_num_threads())
+    out.write_text(json.dumps({**info, "config": meta, "results": rows}, indent=2))
     print(f"wrote {out}")
     return 0
 

@@ -94,6 +94,9 @@ def main(argv=None) -> int:
         "by_projection": {n: {key: m[key] for key in ("sparsity", "spikes_per_channel", "mean_abs_count",
                                                       "silent_channel_share", "share_0_7", "share_above_16")}
                           for n, m in r["by_projection"].items()}} for r in result["sweep"]])
+    from spikingbrain.evaluation.bench import run_info
+
+    slim = {**run_info("spiking", "spiking_sweep.py", argv, "cpu", torch.get_num_threads()), **slim}
     out.write_text(json.dumps(slim, indent=1))
     print(f"wrote {out} ({time.time() - t0:.0f} s)")
     return 0

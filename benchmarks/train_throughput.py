@@ -181,7 +181,12 @@ def main(argv=None) -> int:
         print(f"tokens/s ratio spikingbrain / llama: {r:.3f}")
         results["ratio_tokens_per_s"] = r
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": name, "shape": s, "dtype": str(dtype), **results}, indent=1))
+        from spikingbrain.evaluation.bench import run_info
+
+        info = run_info("train", "train_throughput.py", argv, str(device))
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({**info, "device": name, "shape": s, "dtype": str(dtype),
+                                               "grad_checkpointing": grad_ckpt, "peak_tflops": peak, **results}, indent=1))
     return 0
 
 

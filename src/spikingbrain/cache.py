@@ -117,10 +117,17 @@ class KVState(_Layer):
         slots = (stream_index[:, None] + torch.arange(T, device=k.device)[None]) % w  # [B, T]
         t = self.tensors
         idx = slots[:, None, :, None].expand(B, Hkv, T, D)
-        t["k"] = t["k"].scatter(2, idx, k.to(t["k"].dtype))
-        t["v"] = t["v"].scatter(2, idx, v.to(t["v"].dtype))
-        t["pos"] = t["pos"].scatter(1, slots, pos)
-        t["valid"] = t["valid"].scatter(1, slots, valid)
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            # out of place: earlier attention calls saved the old buffer for backward
+            t["k"] = t["k"].scatter(2, idx, k.to(t["k"].dtype))
+            t["v"] = t["v"].scatter(2, idx, v.to(t["v"].dtype))
+            t["pos"] = t["pos"].scatter(1, slots, pos)
+            t["valid"] = t["valid"].scatter(1, slots, valid)
+        else:  # decoding: writing T slots in place instead of copying all w of them each step
+            t["k"].scatter_(2, idx, k.to(t["k"].dtype))
+            t["v"].scatter_(2, idx, v.to(t["v"].dtype))
+            t["pos"].scatter_(1, slots, pos)
+            t["valid"].scatter_(1, slots, valid)
 
     def get_seq_length(self) -> int:
         return 0 if "k" not in self.tensors else int(self.tensors["k"].shape[2])

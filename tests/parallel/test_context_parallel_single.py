@@ -153,3 +153,24 @@ def test_cli_cp_prefill_on_one_process(capsys):
     assert "prefill of 40 tokens on 1 process(es)" in out
     assert "same greedy continuation: True" in out
     assert main(["cp-prefill", "--preset", "tiny"]) == 2  # no prompt: a user error, exit 2
+
+
+def test_recipe_context_parallel_option_is_validated():
+    from spikingbrain.train.recipe import check_world, parse_recipe
+
+    base = {"model": {"preset": "tiny", "tokenizer": "bytes"}, "data": {"train": ["x.jsonl"]}, "steps": 1,
+            "optim": {"batch_size": 4}}
+    r = parse_recipe({**base, "distributed": "ddp", "context_parallel": 2}, check_files=False)
+    check_world(r, 4)  # a 2 x 2 mesh: 2 data-parallel ranks of 2 rows each
+    with pytest.raises(SpikingBrainError, match="does not divide"):
+        check_world(r, 3)
+    with pytest.raises(SpikingBrainError, match="optim.batch_size"):
+        check_world(parse_recipe({**base, "distributed": "ddp", "context_parallel": 2,
+                                  "optim": {"batch_size": 3}}, check_files=False), 2 * 2)
+    with pytest.raises(SpikingBrainError, match="context_parallel: needs distributed"):
+        parse_recipe({**base, "context_parallel": 2}, check_files=False)
+    with pytest.raises(SpikingBrainError, match="context_parallel"):
+        parse_recipe({**base, "distributed": "ddp", "context_parallel": 2, "grad_checkpointing": True},
+                     check_files=False)
+    with pytest.raises(SpikingBrainError, match="context_parallel"):
+        parse_recipe({**base, "context_parallel": 0}, check_files=False)

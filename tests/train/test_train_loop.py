@@ -146,21 +146,6 @@ def test_single_process_fsdp_checkpoints_and_exports(tiny_llama, text_files, tmp
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
-def test_spike_aware_fine_tuning(text_files, tmp_path):
-    pytest.importorskip("spikingbrain.spiking")
-    from transformers import AutoModelForCausalLM
-
-    raw = llama_recipe(None, text_files, tmp_path, model={"preset": "tiny", "tokenizer": "bytes"}, steps=4,
-                       spiking={"k": 3.0})
-    tr = Trainer(parse_recipe(raw), D.init_distributed("none"), progress=False)
-    tr.setup(resume=False)
-    assert any(type(m).__name__ == "SpikingLinear" for m in tr.module.modules())
-    res = tr.run(resume=False)
-    assert res.skipped == 0 and res.history[-1]["ce"] < res.history[0]["ce"]
-    exported = AutoModelForCausalLM.from_pretrained(res.final)  # plain nn.Linear weights
-    assert type(exported.model.layers[0].mlp.up_proj).__name__ == "Linear"
-
-
 def test_checkpointing_bf16_and_streaming_options(text_files, tmp_path):
     sb = {"preset": "tiny", "tokenizer": "bytes"}
     plain = run(llama_recipe(None, text_files, tmp_path / "a", model=sb, steps=2, export=False))

@@ -75,8 +75,10 @@ def test_numbers_as_strings_overrides_and_stages(tmp_path):
 
 
 def test_shipped_recipes_parse():
-    for name in ("tiny-cpu", "cpt-gpu", "distill-gpu", "sft-gpu"):
+    for name in ("tiny-cpu", "spike-aware-cpu", "cpt-gpu", "distill-gpu", "sft-gpu"):
         r = load_recipe(REPO / "recipes" / f"{name}.yaml", check_files=False)
         assert r.total_steps > 0, name
     tiny = load_recipe(REPO / "recipes" / "tiny-cpu.yaml")  # its data ships with the package
     assert tiny.model.convert is not None and tiny.objective.kl_weight > 0
+    spiking = load_recipe(REPO / "recipes" / "spike-aware-cpu.yaml")
+    assert spiking.spiking is not None and spiking.spiking.weight_bits == 8 and spiking.spiking.exclude == []

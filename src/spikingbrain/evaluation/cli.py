@@ -59,6 +59,10 @@ def register(sub) -> None:
     p.add_argument("--out", type=Path, help="write all results as JSON here")
     p.set_defaults(func=run)
 
+    from spikingbrain.evaluation.bench import register as register_bench
+
+    register_bench(sub)  # `spikingbrain bench`: the speed/memory benchmarks
+
 
 def _suites(args) -> list[str]:
     chosen = args.suite.split(",") if args.suite else ["ppl", "passkey", "cloze"] + (["agreement"] if args.teacher else [])

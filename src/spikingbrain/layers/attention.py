@@ -7,6 +7,7 @@ keys/values (constant memory); ``full`` keeps a growing KV cache.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from spikingbrain.layers.context import MixerContext
@@ -63,6 +64,9 @@ def softmax_attend(q, k, v, ctx: MixerContext, window, cache=None, sink_kv=None,
     k_valid = ctx.valid
     q_seg = k_seg = ctx.seg
     past = cache.past() if cache is not None else None
+    if (past is not None and T == 1 and window is not None and cache.window == window
+            and sink_kv is None and ctx.seg is None):
+        return _decode_step_in_ring(q, k, v, ctx, window, cache)
     if past is not None:
         pk, pv, ppos, pvalid = past
         k_all, v_all = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
@@ -82,3 +86,20 @@ def softmax_attend(q, k, v, ctx: MixerContext, window, cache=None, sink_kv=None,
         valid = ctx.valid if ctx.valid is not None else torch.ones(B, T, dtype=torch.bool, device=q.device)
         cache.append(k, v, ctx.positions, valid, ctx.stream_index)
     return o
+
+
+def _decode_step_in_ring(q, k, v, ctx: MixerContext, window: int, cache):
+    """One decode token of a sliding-window layer: write it into the ring buffer first, then
+    attend over the buffer, which then holds exactly the last ``window`` tokens (itself
+    included). Avoids concatenating the past with the new key, a full copy of the window per
+    layer per token."""
+    B = q.shape[0]
+    valid = ctx.valid if ctx.valid is not None else torch.ones(B, 1, dtype=torch.bool, device=q.device)
+    cache.append(k, v, ctx.positions, valid, ctx.stream_index)
+    kk, vv, kpos, kvalid = cache.past()
+    qpos = ctx.positions  # [B, 1]
+    mask = kvalid & (kpos <= qpos) & (kpos > qpos - window)  # [B, w]
+    o = F.scaled_dot_product_attention(q, kk.to(q.dtype), vv.to(q.dtype), attn_mask=mask[:, None, None, :],
+                                       enable_gqa=q.shape[1] != kk.shape[1])
+    # a padded row has no visible key: SDPA gives NaN there, the general path gives 0
+    return torch.where(mask.any(-1)[:, None, None, None], o, torch.zeros_like(o))

@@ -291,7 +291,12 @@ class _Run:
 # --------------------------------------------------------------------------- mixers
 def _linear_attention(run: _Run, mod: GatedLinearAttention, original, x, zq, zk, v, ctx, cache=None):
     """``GatedLinearAttention.linear_attention`` on a shard: local GLA from a zero state, the
-    state scan over ranks, and the correction of the local outputs (module docstring)."""
+    state scan over ranks, and the correction of the local outputs (module docstring).
+
+    The features (feature map, gate, padding masks, head repetition) repeat the layer's own
+    computation step for step; ``tests/parallel/test_context_parallel_single.py`` runs this
+    path on a group of one against the layer, so a change there that is not mirrored here
+    fails a test."""
     if run.sink_pass or cache is not None:
         return original(x, zq, zk, v, ctx, cache)
     # --- features: as GatedLinearAttention.linear_attention computes them
@@ -449,7 +454,7 @@ class ContextParallelOutput:
         (``logits="last"``), or None.
     cache: the decode state of the whole sequence (prefill with ``cache_rank`` this rank or None).
     start, end: this rank's shard. stats: bytes this rank sent.
-    aux / route data are internal to ``context_parallel_loss``.
+    comm, run: internal (``context_parallel_loss`` uses them).
     """
 
     logits: torch.Tensor | None
@@ -461,6 +466,12 @@ class ContextParallelOutput:
     comm: Comm = field(repr=False, default=None)
     run: _Run = field(repr=False, default=None)
 
+    def fold(self, loss: torch.Tensor) -> torch.Tensor:
+        """For a loss built from ``logits`` by hand: ``loss + 0 * chain token``, which keeps every
+        exchange of the forward in every rank's backward pass (see ``comm.py``). Backpropagate
+        the returned tensor on every rank of the group."""
+        return self.comm.fold(loss)
+
 
 def context_parallel_forward(model, input_ids: torch.Tensor, *, attention_mask=None, position_ids=None,
                              group=None, logits: str = "local", collect_cache: bool = False,
@@ -470,7 +481,8 @@ def context_parallel_forward(model, input_ids: torch.Tensor, *, attention_mask=N
     of the global ``input_ids [B, T]`` (module docstring). ``logits``: ``"local"`` (this
     shard's), ``"last"`` (the last token's, broadcast to every rank) or ``"none"``.
     ``collect_cache``: also assemble the decode state, on group rank ``cache_rank`` (None:
-    every rank). Call on every rank of ``group`` with the same arguments."""
+    every rank). Call on every rank of ``group`` with the same arguments. To train through a
+    loss of your own, backpropagate ``out.fold(loss)`` (``context_parallel_loss`` does)."""
     if logits not in ("local", "last", "none"):
         raise SpikingBrainError(f"logits must be local | last | none, got {logits!r}")
     if input_ids.dim() != 2:

@@ -100,7 +100,16 @@ def spawn(target: str, nprocs: int, *args, backend: str = "gloo", threads: int |
             if ok:
                 results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
-                error = f"rank {rank} failed:\n{payload}"
+                failures = {rank: payload}
+                grace = time.monotonic() + 3.0  # the others usually fail too: keep their reports
+                while time.monotonic() < grace and len(failures) + len(results) < nprocs:
+                    try:
+                        r, ok2, p2 = out_q.get(timeout=0.2)
+                    except queue_mod.Empty:
+                        continue
+                    if not ok2:
+                        failures[r] = p2
+                error = "\n".join(f"rank {r} failed:\n{failures[r][-2000:]}" for r in sorted(failures))
     finally:
         for p in procs:
             p.join(timeout=5 if error is None else 1)

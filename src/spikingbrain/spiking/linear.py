@@ -11,9 +11,16 @@ Two modes:
 - inference (``ste=False``): buffers ``qweight [out, in]`` int8 and ``scales [out, G]``; the
   float weight is not kept in the state dict (the original ``nn.Linear`` is remembered outside
   it so that ``unspikify`` can restore it).
-- training (``ste=True``): a float ``weight`` parameter, fake-quantized at every call with a
-  straight-through estimator, and straight-through spikes: spike-aware fine-tuning. The state
-  dict keeps the original names (``weight``, ``bias``).
+- training (``ste=True``): the original layer's float ``weight``/``bias`` parameters (shared, not
+  copied), fake-quantized at every call with a straight-through estimator, and straight-through
+  spikes: spike-aware fine-tuning (QAT). The forward values are exactly those of the inference
+  mode built from the same float weights (same integer codes, scales and spike counts); the
+  backward pass treats rounding as the identity, so the float master weights keep training. The
+  state dict keeps the original names (``weight``, ``bias``) and holds plain float tensors, so a
+  checkpoint of a spike-aware model is a checkpoint of the plain model.
+
+``forward(x, weight_delta=D)`` (training mode) multiplies with ``fake_quant(W + D)``: how a LoRA
+adapter ``D = s * B A`` trains spike-aware, as the weight it will be merged into.
 
 ``spike_inputs=False`` feeds ``x`` unchanged (W8A16: isolates the weight-quantization error);
 ``weight_bits=None`` keeps float weights (isolates the spiking error).
@@ -40,15 +47,17 @@ class SpikingLinear(nn.Module):
         self.spike_inputs = True
         self._original = (linear,) if keep_original else None  # a tuple: not a registered submodule
         if ste:
-            self.weight = nn.Parameter(linear.weight.detach().clone())
+            self.weight = linear.weight  # the same Parameter: trained in place, nothing duplicated
         elif weight_bits is None:
             self.register_buffer("weight", linear.weight.detach().clone())
         else:
             self.requantize(linear.weight)
         if linear.bias is None:
             self.bias = None
+        elif ste:
+            self.bias = linear.bias
         else:
-            self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=ste)
+            self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def requantize(self, weight: torch.Tensor, alpha=1.0) -> None:
         """(Re)build ``qweight``/``scales`` from a float weight; ``alpha`` = clipping ratio(s)."""
@@ -56,11 +65,16 @@ class SpikingLinear(nn.Module):
         self.register_buffer("qweight", q.to(weight.device))
         self.register_buffer("scales", s.to(weight.device))
 
-    def float_weight(self, dtype=torch.float32) -> torch.Tensor:
-        """The weight the layer actually multiplies with (dequantized, ``[out, in]``)."""
+    def float_weight(self, dtype=torch.float32, weight_delta: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight the layer actually multiplies with (dequantized, ``[out, in]``).
+        ``weight_delta`` (training mode only) is added to the float weight before quantizing."""
         if self.ste:
             w = self.weight.to(dtype)
+            if weight_delta is not None:
+                w = w + weight_delta.to(dtype)
             return w if self.weight_bits is None else fake_quantize_weight(w, self.weight_bits, self.group_size)
+        if weight_delta is not None:
+            raise ValueError("weight_delta needs a training-mode (ste=True) SpikingLinear")
         if self.weight_bits is None:
             return self.weight.to(dtype)
         return dequantize_weight(self.qweight, self.scales, self.group_size, dtype)
@@ -69,9 +83,9 @@ class SpikingLinear(nn.Module):
         """``(s_int, V_th)`` for input ``x [..., in]`` with this layer's ``k`` and ``clip``."""
         return adaptive_spikes(x, self.k, self.clip)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weight_delta: torch.Tensor | None = None) -> torch.Tensor:
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        w = self.float_weight(cdt)
+        w = self.float_weight(cdt, weight_delta)
         if self.spike_inputs:
             s, v_th = self.spikes(x)
             y = F.linear(s.to(cdt), w) * v_th.to(cdt)
@@ -82,19 +96,16 @@ class SpikingLinear(nn.Module):
         return y.to(x.dtype)
 
     def to_linear(self) -> nn.Linear:
-        """The original ``nn.Linear`` if kept (trained weights copied back in STE mode), else a
-        new one holding the dequantized weights."""
+        """The original ``nn.Linear`` if kept (in STE mode it shares the trained parameters), else
+        a new one holding the float master weights (STE mode) or the dequantized ones."""
         if self._original is not None:
             lin = self._original[0]
-            ref = self.weight if self.ste or self.weight_bits is None else self.qweight
-            lin.to(device=ref.device)
             if self.ste:
-                with torch.no_grad():
-                    lin.weight.copy_(self.weight)
-                    if self.bias is not None:
-                        lin.bias.copy_(self.bias)
-            return lin
-        w = self.float_weight()
+                lin.weight, lin.bias = self.weight, self.bias  # the trained parameters themselves
+                return lin
+            ref = self.weight if self.weight_bits is None else self.qweight
+            return lin.to(device=ref.device)
+        w = self.weight.detach() if self.ste else self.float_weight()
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device)
         with torch.no_grad():
             lin.weight.copy_(w)

@@ -55,7 +55,9 @@ def adaptive_spikes(x: torch.Tensor, k: float = 3.0, clip: int | None = None):
     if clip is not None:
         s = s.clamp(-clip, clip)
     if u.requires_grad:
-        s = u + (s - u).detach()  # straight-through: d s / d u = 1
+        # straight-through (d s / d u = 1); ``u - u.detach()`` is exactly 0, so the forward value
+        # stays the exact integer count (``u + (s - u).detach()`` could be off by an ulp)
+        s = s + (u - u.detach())
     return s, v_th
 
 

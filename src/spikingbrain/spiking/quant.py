@@ -68,11 +68,20 @@ def dequantize_weight(q: torch.Tensor, scales: torch.Tensor, group_size: int = 1
     return (q.to(torch.float32) * expand_scales(scales, q.shape[1], group_size)).to(dtype)
 
 
+def straight_through(exact: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``exact`` in the forward pass (bit for bit), the identity gradient to ``x`` in the backward
+    pass: ``exact + (x - x.detach())`` (the bracket is exactly 0 for finite ``x``). Returns
+    ``exact`` itself when no gradient is being recorded for ``x``."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return exact
+    return exact + (x - x.detach())
+
+
 def fake_quantize_weight(w: torch.Tensor, bits: int = 8, group_size: int = 128) -> torch.Tensor:
-    """Quantize-dequantize ``w`` with a straight-through gradient (for spike-aware training)."""
+    """Quantize-dequantize ``w`` with a straight-through gradient (for spike-aware training). The
+    forward value equals ``dequantize_weight(*quantize_weight(w))``, the inference weights."""
     q, s = quantize_weight(w, bits, group_size)
-    wq = dequantize_weight(q, s, group_size, w.dtype)
-    return w + (wq - w).detach()
+    return straight_through(dequantize_weight(q, s, group_size, w.dtype), w)
 
 
 def quantize_per_vector(x: torch.Tensor, bits: int = 8):
@@ -86,8 +95,7 @@ def quantize_per_vector(x: torch.Tensor, bits: int = 8):
 def fake_quantize_per_vector(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """Per-vector quantize-dequantize in ``x``'s dtype; straight-through when ``x`` needs grad."""
     q, scale = quantize_per_vector(x.float(), bits)
-    xq = (q.float() * scale).to(x.dtype)
-    return x + (xq - x).detach() if x.requires_grad else xq
+    return straight_through((q.float() * scale).to(x.dtype), x)
 
 
 class Int8KVQuantizer:

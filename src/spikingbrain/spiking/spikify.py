@@ -62,7 +62,15 @@ def spikify(
 
     ``exclude``: projection names to leave as ``nn.Linear`` (matched against the last name
     component, e.g. ``("down_proj",)`` reproduces the released code). ``kv_bits=None`` leaves
-    keys/values in float. ``ste=True`` keeps float weights and makes the forward trainable.
+    keys/values in float.
+
+    ``ste=True`` is the training form (spike-aware fine-tuning, the training recipes' ``spiking``
+    section): each ``SpikingLinear`` keeps the original float ``weight``/``bias`` parameters
+    (shared, same state-dict names), fake-quantizes the weight and spike-codes the input at every
+    call with straight-through gradients. Its forward equals, value for value, that of
+    ``spikify(..., ste=False)`` on the same float weights without ``calibration`` (which is
+    skipped here: it changes the integer weights, not the float ones); ``unspikify`` hands back
+    plain ``nn.Linear`` layers holding the trained weights.
     """
     if not k > 0:
         raise SpikingBrainError(f"k must be > 0, got {k}")

@@ -12,6 +12,10 @@ gradients are dropped, the step still advances (data and schedule move on) and
 Metrics (``metrics.py``), periodic held-out evaluation, checkpoints every
 ``checkpoint.every`` steps and at the end (``checkpoint.py``), and a final ``save_pretrained``
 export to ``{out}/final`` when the run reaches the recipe's last step.
+
+With a recipe ``spiking`` section the student is spikified in its training form
+(``models.apply_spiking``, before the trainable selection / LoRA) and every forward, training
+and evaluation, is the spiking one; the export is unspikified first (plain float weights).
 """
 from __future__ import annotations
 
@@ -111,9 +115,11 @@ class Trainer:
         model = build_student(r, self.tokenizer, teachers, calib)
         if info.cp_size > 1 and not hasattr(getattr(model, "model", None), "compute_sink_kv"):
             raise SpikingBrainError("recipe field context_parallel: needs a SpikingBrain student model")
-        apply_spiking(model, r)
+        n_spiking = apply_spiking(model, r)  # before LoRA: a spike-aware adapter wraps the SpikingLinear
         torch.manual_seed(r.seed + 1)  # LoRA init, independent of how the model was built
         self.counts = select_trainable(model, r.trainable.params, r.trainable.lora)
+        if r.spiking is not None:
+            self.counts["spiking_layers"] = n_spiking
         model.to(info.device)
         if r.grad_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
@@ -300,7 +306,7 @@ class Trainer:
             ckpt = self._save()
         final = None
         if r.export and self.step == total:
-            if r.spiking is not None:  # export plain nn.Linear weights (spikify again to run spiking)
+            if r.spiking is not None:  # export plain nn.Linear float weights (spikify them to run spiking)
                 from spikingbrain.spiking.spikify import unspikify
 
                 unspikify(self.module)

@@ -99,11 +99,29 @@ def distillation_teacher(recipe: Recipe, teachers: dict, device: torch.device) -
     return teacher.to(device)
 
 
-def apply_spiking(model: nn.Module, recipe: Recipe) -> None:
-    if recipe.spiking is None:
-        return
+def apply_spiking(model: nn.Module, recipe: Recipe) -> int:
+    """Spike-aware training (``recipe.spiking``): ``spikify(..., ste=True)`` in place, before the
+    trainable selection / LoRA (the parameters keep their names). Returns the number of spiking
+    projections (0 without a ``spiking`` section)."""
+    sp = recipe.spiking
+    if sp is None:
+        return 0
     try:
-        from spikingbrain.spiking import spikify
+        from spikingbrain.spiking import spikify, spiking_layers
     except ImportError as e:
         raise SpikingBrainError(f"recipe field spiking: the spiking module is unavailable ({e})") from None
-    spikify(model, k=recipe.spiking.k, ste=True)
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise SpikingBrainError("recipe field spiking: needs a causal LM with decoder blocks at model.model.layers")
+    names = {n for parent in layers.modules() for n, c in parent.named_children() if type(c) is nn.Linear}
+    for i, name in enumerate(sp.exclude):
+        if name not in names:
+            raise SpikingBrainError(f"recipe field spiking.exclude[{i}]: no block projection is called {name!r} "
+                                    f"(this model has {', '.join(sorted(names))})")
+    spikify(model, k=sp.k, weight_bits=sp.weight_bits, group_size=sp.group_size, ste=True, clip=sp.clip,
+            kv_bits=sp.kv_bits, exclude=sp.exclude)
+    n = len(spiking_layers(model))
+    if n == 0:
+        where = "spiking.exclude" if sp.exclude else "spiking"
+        raise SpikingBrainError(f"recipe field {where}: the model has no block projection (nn.Linear) left to spike")
+    return n

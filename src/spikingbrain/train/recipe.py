@@ -134,7 +134,19 @@ class LogSection:
 
 @dataclass
 class SpikingSection:
-    k: float = 3.0
+    """Spike-aware fine-tuning: the student trains through its spiking forward (``spikify(...,
+    ste=True)``): every block projection's input is spike-coded (adaptive threshold, integer
+    counts) and its weight fake-quantized (symmetric, per output row and group of inputs), both
+    with straight-through gradients, so the float master weights train (QAT). Embeddings and
+    LM head stay float. Checkpoints and the export hold plain float weights: ``spikify`` the
+    exported model with the same settings to run it spiking."""
+
+    k: float = 3.0  # threshold V_th = mean|x| / k
+    weight_bits: int | None = 8  # 2..8; null: float weights (spikes only)
+    group_size: int = 128  # inputs per weight scale
+    kv_bits: int | None = 8  # INT8 keys/values of SWA / softmax mixers; null: float
+    clip: int | None = None  # clamp spike counts to [-clip, clip]; null: no clamp
+    exclude: list[str] = field(default_factory=list)  # projections left float, e.g. [down_proj]
 
 
 @dataclass
@@ -447,12 +459,22 @@ def _validate(r: Recipe, check_files: bool) -> None:
     _positive(r.eval.max_tokens, "eval.max_tokens")
     _positive(r.log.every, "log.every")
     if r.spiking is not None:
-        _positive(r.spiking.k, "spiking.k")
+        sp = r.spiking
+        _positive(sp.k, "spiking.k")
+        for name in ("weight_bits", "kv_bits"):
+            bits = getattr(sp, name)
+            if bits is not None and not 2 <= bits <= 8:
+                raise SpikingBrainError(f"recipe field spiking.{name}: must be in 2..8 (or null for float), got {bits}")
+        _positive(sp.group_size, "spiking.group_size")
+        _positive(sp.clip, "spiking.clip")
+        for i, name in enumerate(sp.exclude):
+            if not name.strip():
+                raise SpikingBrainError(f"recipe field spiking.exclude[{i}]: expected a projection name, got {name!r}")
         if r.distributed == "fsdp":
-            raise SpikingBrainError("recipe field spiking: spike-aware training supports distributed none | ddp")
-        if t.lora is not None:
-            raise SpikingBrainError("recipe field spiking: cannot be combined with trainable.lora "
-                                    "(spiking replaces the nn.Linear layers LoRA would wrap)")
+            raise SpikingBrainError("recipe field spiking: spike-aware training supports distributed: none | ddp, not fsdp")
+        if t.lora is not None and t.lora.dropout > 0:
+            raise SpikingBrainError("recipe field trainable.lora.dropout: must be 0 with spiking (a spike-aware "
+                                    "adapter trains as part of the quantized weight, B A is never applied alone)")
     if check_files:
         d.train = _expand(d.train, "data.train")
         d.valid = _expand(d.valid, "data.valid")

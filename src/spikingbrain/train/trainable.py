@@ -8,6 +8,10 @@
   with ``A [r, in]`` Kaiming-uniform, ``B [out, r]`` zero (the model is unchanged at start).
   Only ``A`` and ``B`` train (plus whatever ``params`` selects). ``merge_lora`` folds them
   back into plain ``nn.Linear`` layers for export.
+- LoRA on a spike-aware model (recipe ``spiking``): the target is a training-mode
+  ``SpikingLinear`` and the adapter trains as part of the weight it will be merged into:
+  ``y = V_th * fake_quant(W + (alpha / r) B A) s_int`` (straight-through), so the merged export,
+  spikified, computes what training computed. Needs ``dropout: 0``.
 """
 from __future__ import annotations
 
@@ -18,16 +22,21 @@ import torch
 from torch import nn
 
 from spikingbrain.errors import SpikingBrainError
+from spikingbrain.spiking.linear import SpikingLinear
 from spikingbrain.train.recipe import LoRASpec
 
 ATTENTION = re.compile(r"(^|\.)self_attn\.")
 
 
 class LoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus a trainable low-rank update. Input ``[..., in]``."""
+    """A frozen ``nn.Linear`` (or training-mode ``SpikingLinear``) plus a trainable low-rank
+    update. Input ``[..., in]``."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
+        if isinstance(base, SpikingLinear) and (not base.ste or dropout > 0):
+            raise SpikingBrainError("LoRA on a SpikingLinear needs ste=True and dropout 0 "
+                                    "(recipe fields spiking, trainable.lora.dropout)")
         self.base = base
         self.scaling = alpha / rank
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device, dtype=base.weight.dtype))
@@ -50,12 +59,18 @@ class LoRALinear(nn.Module):
     def out_features(self) -> int:
         return self.base.out_features
 
+    def delta(self) -> torch.Tensor:
+        """The update ``(alpha / r) B A`` ``[out, in]`` that merging adds to the base weight."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.base, SpikingLinear):  # spike-aware: quantize and spike the merged weight
+            return self.base(x, weight_delta=self.delta())
         return self.base(x) + (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
 
     @torch.no_grad()
-    def merged(self) -> nn.Linear:
-        self.base.weight += (self.lora_B @ self.lora_A) * self.scaling
+    def merged(self) -> nn.Module:
+        self.base.weight += self.delta()
         return self.base
 
 
@@ -65,9 +80,11 @@ def _targeted(name: str, targets: list[str]) -> bool:
 
 
 def apply_lora(model: nn.Module, spec: LoRASpec) -> int:
-    """Wrap every targeted ``nn.Linear`` (never the LM head or embeddings); returns how many."""
+    """Wrap every targeted ``nn.Linear`` / training-mode ``SpikingLinear`` (never the LM head or
+    embeddings); returns how many."""
     names = [n for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and not n.endswith("lm_head") and _targeted(n, spec.targets)]
+             if (isinstance(m, nn.Linear) or (isinstance(m, SpikingLinear) and m.ste))
+             and not n.endswith("lm_head") and _targeted(n, spec.targets)]
     if not names:
         raise SpikingBrainError(f"recipe field trainable.lora.targets: no nn.Linear matches {spec.targets}")
     for n in names:
