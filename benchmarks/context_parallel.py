@@ -18,7 +18,7 @@ attention over the whole sequence needs per layer: ``(P - 1) * (T / P) * B * Hkv
 bytes``. The same formulas are then evaluated for the SpikingBrain-7B shapes (bf16 K/V, fp32
 states, w = 4096) at long contexts, where measuring is out of reach on a CPU.
 
-Usage (defaults: ~3-5 minutes on 2 busy cores):
+Usage (defaults: ~4-7 minutes on 2 busy cores):
     PYTHONPATH=src python3 benchmarks/context_parallel.py [--procs 1,2,4]
         [--lengths 1024,2048,4096,8192] [--layout 7b,76b] [--repeats 3] [--scan auto|allgather|p2p]
 Writes benchmarks/results/context_parallel.json and prints the tables.
@@ -248,7 +248,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "benchmark": "context_parallel_prefill",
-        "config": {"models": configs, "repeats": args.repeats, "batch": 1, "dtype": "float32",
+        "config": {"layout": args.layout, "models": configs, "repeats": args.repeats, "batch": 1, "dtype": "float32",
                    "scan": args.scan, "halo": "auto", "lengths": lengths, "procs": procs},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "threads_per_process": 1, "backend": "gloo",

@@ -60,7 +60,9 @@ def _convert(args: argparse.Namespace) -> int:
     save_model(student, tok, out)
     _conversion_card(out, student, teacher, args)
     c = count_parameters(student.config)
-    print(f"wrote {out}: {c['total']:,} parameters ({c['active']:,} active), layers {student.config.layer_types}")
+    types = student.config.layer_types
+    summary = ", ".join(f"{t} x{types.count(t)}" for t in dict.fromkeys(types))
+    print(f"wrote {out}: {c['total']:,} parameters ({c['active']:,} active); layers: {summary}")
     return 0
 
 
