@@ -21,14 +21,6 @@ from spikingbrain.modeling import SpikingBrainForCausalLM, SpikingBrainModel
 DENSE_1_INDEXED = (1, 2, 3, 5, 7, 9, 11)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def sink_calls(monkeypatch):
     """Counts SpikingBrainModel.compute_sink_kv calls."""

@@ -9,14 +9,6 @@ from testutils import assert_close_rel, tiny_model
 W = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def ids_of(B, T, seed=0):
     return torch.randint(3, 512, (B, T), generator=torch.Generator().manual_seed(seed))
 

@@ -26,14 +26,6 @@ CASES = [(name, 0) for name in LAYOUTS] + [("swa", 4), ("7b", 4), ("gla+swa", 4)
 CASE_IDS = [f"{n}-sinks{s}" for n, s in CASES]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 _MODELS: dict = {}
 
 

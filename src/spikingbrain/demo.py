@@ -56,10 +56,10 @@ class DemoSettings:
     sliding_window: int = 4096
     seq_len: int = 256
     train_sequences: int = 64  # teacher hidden states collected for attention transfer
-    transfer_steps: int = 60
-    transfer_minutes: float = 3.5
+    transfer_steps: int = 150
+    transfer_minutes: float = 5.5
     distill_steps: int = 40
-    distill_minutes: float = 1.5
+    distill_minutes: float = 2.0
     batch_size: int = 8
     eval_tokens: int = 8192
     eval_context: int = 512

@@ -46,15 +46,6 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: with 2 busy cores, OpenMP's thread hand-off costs more than the work."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_teacher(family="llama", tie=False, kv_heads=2, seed=0, **kw):
     """A tiny random teacher; biases (Qwen2's q/k/v, Llama's with attention_bias) are made
     non-zero, since transformers initialises them to zero and a zero bias proves nothing."""

@@ -161,16 +161,6 @@ def test_default_aliases(source):
 
 
 # ---------------------------------------------------------------------------- the real default
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread: on 2 shared, busy cores a 2-thread forward of the teacher was measured 30x
-    slower (OpenMP barriers wait on descheduled threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def default_teacher():
     if not HAVE_DEFAULT:

@@ -16,15 +16,6 @@ from spikingbrain.layers.moe import MoE, moe_aux_loss
 REL_ERROR_BOUND = 0.03
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: with 2 busy cores, OpenMP's thread hand-off costs ~1000x the work itself."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_llama(seed=0, std=0.1):
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,

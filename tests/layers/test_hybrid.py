@@ -24,14 +24,6 @@ OPTIONS = [pytest.param(("relu", "lowrank"), id="relu-lowrank"), pytest.param(("
 KINDS = ["gla+swa", "gla+full"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_config(kind="gla+swa", fmap="sigmoid", gate="key", **kw):
     base = dict(layer_types=[kind] * 4, gla_feature_map=fmap, gla_gate=gate, sliding_window=WINDOW,
                 attention_bias=True)

@@ -11,15 +11,6 @@ from spikingbrain.layers.moe import MoE, moe_aux_loss, moe_load
 D, WIDTH = 32, 48
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: with 2 busy cores, OpenMP's thread hand-off costs ~1000x the work itself."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_moe(num_experts=6, top_k=2, shared=1, seed=0, **kw):
     torch.manual_seed(seed)
     moe = MoE(D, WIDTH, num_experts, top_k, shared, **kw)

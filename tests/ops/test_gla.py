@@ -15,14 +15,6 @@ LENGTHS = [1, 7, 63, 65, 130]
 TOL64 = 1e-10  # measured: <= 3e-14 (outputs/states), <= 1e-13 (gradients)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_inputs(T, *, seed=0, gate_scale=1.0, dtype=torch.float64, b=B, h=H):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(b, T, h, K, generator=g, dtype=dtype)

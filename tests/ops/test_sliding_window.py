@@ -14,14 +14,6 @@ D = 8
 TOL = 1e-12  # fp64; measured <= 2e-16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def reference(q, k, v, allowed, sink_k=None, sink_v=None):
     """Softmax attention with an explicit boolean ``allowed [B, T, L]`` (GQA by repetition)."""
     H, Hkv = q.shape[1], k.shape[1]

@@ -15,14 +15,6 @@ from spikingbrain.parallel.comm import CommStats
 from spikingbrain.parallel.context import _Run, sequence_metadata
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _close(a, b, what):
     torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-4, msg=lambda m: f"{what}: {m}")
 

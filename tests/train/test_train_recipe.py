@@ -75,7 +75,9 @@ def test_numbers_as_strings_overrides_and_stages(tmp_path):
 
 
 def test_shipped_recipes_parse():
-    for name in ("tiny-cpu", "spike-aware-cpu", "cpt-gpu", "distill-gpu", "sft-gpu"):
+    shipped = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
+    assert {"tiny-cpu", "spike-aware-cpu", "spike-aware-demo", "cpt-gpu", "distill-gpu", "sft-gpu"} <= set(shipped)
+    for name in shipped:
         r = load_recipe(REPO / "recipes" / f"{name}.yaml", check_files=False)
         assert r.total_steps > 0, name
     tiny = load_recipe(REPO / "recipes" / "tiny-cpu.yaml")  # its data ships with the package
