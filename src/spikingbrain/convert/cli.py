@@ -20,12 +20,12 @@ def register(sub) -> None:
 
     d = sub.add_parser("demo", help="the main job: convert the default teacher, distil briefly, compare, save",
                        description="Convert the embedded default teacher with the 7B layout, recover quality "
-                       "(shipped trained delta, or the whole conversion with --full-conversion), distil "
+                       "(calibration + attention transfer, or a trained delta with --delta), distil "
                        "briefly on the shipped text, then print a side-by-side report of teacher and student "
-                       "and save the student for `spikingbrain chat`. ~10 minutes on 2 CPU cores.")
+                       "and save the student for `spikingbrain chat`. ~8 minutes on 2 CPU cores.")
     d.add_argument("--out", default="spikingbrain-demo", help="output directory (model in OUT/model)")
-    d.add_argument("--full-conversion", action="store_true",
-                   help="run calibration + attention transfer here instead of starting from the shipped delta")
+    d.add_argument("--delta", default=None, metavar="FILE",
+                   help="start from a trained delta (scripts/make_demo_delta.py) instead of converting here")
     d.add_argument("--minutes", type=float, default=None,
                    help="scale the training budgets so they take about this many minutes in total")
     d.add_argument("--decode-context", type=int, default=32768, help="context length for the decode comparison")
@@ -95,7 +95,7 @@ Load with `transformers.AutoModelForCausalLM.from_pretrained(dir)` after `import
 def _demo(args: argparse.Namespace) -> int:
     from spikingbrain.demo import DemoSettings, run_demo
 
-    s = DemoSettings(out=args.out, full_conversion=args.full_conversion, decode_context=args.decode_context,
+    s = DemoSettings(out=args.out, delta_path=args.delta, decode_context=args.decode_context,
                      device=args.device, seed=args.seed, progress=not args.no_progress)
     if args.minutes is not None:
         f = args.minutes / (s.transfer_minutes + s.distill_minutes)

@@ -19,10 +19,8 @@ from __future__ import annotations
 import torch
 
 
-class SpikingBrainAdapter:
-    """Batched decode over ``SpikingBrainCache`` (``cat`` / ``select`` move rows)."""
-
-    batched = True
+class _Adapter:
+    """What every adapter shares: the model and its device."""
 
     def __init__(self, model) -> None:
         self.model = model
@@ -30,6 +28,12 @@ class SpikingBrainAdapter:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+
+class SpikingBrainAdapter(_Adapter):
+    """Batched decode over ``SpikingBrainCache`` (``cat`` / ``select`` move rows)."""
+
+    batched = True
 
     def new_state(self):
         return self.model.new_cache()
@@ -57,18 +61,11 @@ class SpikingBrainAdapter:
         return int(state.nbytes()) if state is not None else 0
 
 
-class PerRowAdapter:
+class PerRowAdapter(_Adapter):
     """Any HF causal LM with its own cache (``DynamicCache``): a state is a list of per-row caches
     and a step runs each row alone (no padding, so batched results equal solo results)."""
 
     batched = False
-
-    def __init__(self, model) -> None:
-        self.model = model
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     def new_state(self):
         from transformers import DynamicCache
