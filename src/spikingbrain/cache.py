@@ -75,7 +75,9 @@ class KVState(_Layer):
 
     ``window=None``: grows (full attention). ``window=w``: a ring buffer of ``w`` slots; token
     number ``n`` of a row's stream goes to slot ``n % w``, so it always holds the last ``w``.
-    Tensors: ``k, v [B, Hkv, L, D]``, ``pos [B, L]`` (long), ``valid [B, L]`` (bool).
+    Tensors: ``k, v [B, Hkv, L, D]``, ``pos [B, L]`` (long), ``valid [B, L]`` (bool). A ring
+    stores its keys transposed, ``k [B, Hkv, D, w]``: a decode step's ``q @ k^T`` then reads
+    them contiguously (~2x faster on CPU); ``past()`` still returns ``[B, Hkv, w, D]`` (a view).
     """
 
     def __init__(self, window: int | None = None) -> None:
@@ -88,7 +90,8 @@ class KVState(_Layer):
         if "k" not in self.tensors:
             return None
         t = self.tensors
-        return t["k"], t["v"], t["pos"], t["valid"]
+        k = t["k"] if self.window is None else t["k"].transpose(-1, -2)
+        return k, t["v"], t["pos"], t["valid"]
 
     def append(self, k, v, pos, valid, stream_index: torch.Tensor) -> None:
         """Store ``T`` new tokens: ``k, v [B, Hkv, T, D]``, ``pos/valid [B, T]``;
@@ -107,7 +110,7 @@ class KVState(_Layer):
         w = self.window
         if "k" not in self.tensors:
             self.tensors = {
-                "k": k.new_zeros(B, Hkv, w, D), "v": v.new_zeros(B, Hkv, w, D),
+                "k": k.new_zeros(B, Hkv, D, w), "v": v.new_zeros(B, Hkv, w, D),
                 "pos": pos.new_zeros(B, w), "valid": torch.zeros(B, w, dtype=torch.bool, device=k.device),
             }
         if T > w:  # only the last w can survive; writing them alone keeps slots distinct
@@ -117,20 +120,21 @@ class KVState(_Layer):
         slots = (stream_index[:, None] + torch.arange(T, device=k.device)[None]) % w  # [B, T]
         t = self.tensors
         idx = slots[:, None, :, None].expand(B, Hkv, T, D)
+        kt, kidx = k.transpose(-1, -2).to(t["k"].dtype), idx.transpose(-1, -2)
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
             # out of place: earlier attention calls saved the old buffer for backward
-            t["k"] = t["k"].scatter(2, idx, k.to(t["k"].dtype))
+            t["k"] = t["k"].scatter(3, kidx, kt)
             t["v"] = t["v"].scatter(2, idx, v.to(t["v"].dtype))
             t["pos"] = t["pos"].scatter(1, slots, pos)
             t["valid"] = t["valid"].scatter(1, slots, valid)
         else:  # decoding: writing T slots in place instead of copying all w of them each step
-            t["k"].scatter_(2, idx, k.to(t["k"].dtype))
+            t["k"].scatter_(3, kidx, kt)
             t["v"].scatter_(2, idx, v.to(t["v"].dtype))
             t["pos"].scatter_(1, slots, pos)
             t["valid"].scatter_(1, slots, valid)
 
     def get_seq_length(self) -> int:
-        return 0 if "k" not in self.tensors else int(self.tensors["k"].shape[2])
+        return 0 if "k" not in self.tensors else int(self.tensors["v"].shape[2])
 
     @staticmethod
     def cat(layers: list["KVState"]) -> "KVState":

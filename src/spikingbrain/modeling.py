@@ -25,6 +25,7 @@ from spikingbrain.layers.gla import GatedLinearAttention
 from spikingbrain.layers.hybrid import ParallelHybrid
 from spikingbrain.layers.mlp import SwiGLU
 from spikingbrain.layers.norm import RMSNorm
+from spikingbrain.layers.projections import QKV, project
 from spikingbrain.layers.rope import RotaryEmbedding
 
 
@@ -100,6 +101,13 @@ class SpikingBrainPreTrainedModel(PreTrainedModel):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # we bring our own constant-size cache (see cache.py)
 
+    def save_pretrained(self, *args, **kwargs):
+        if any(hasattr(m, "fused_sizes") for m in self.modules()):
+            # its weights would be saved under names from_pretrained does not know (qkv_proj...)
+            raise SpikingBrainError("this model's projections were fused for inference "
+                                    "(fuse_projections); save the model before fusing")
+        return super().save_pretrained(*args, **kwargs)
+
 
 class SpikingBrainModel(SpikingBrainPreTrainedModel):
     def __init__(self, config: SpikingBrainConfig) -> None:
@@ -146,7 +154,7 @@ class SpikingBrainModel(SpikingBrainPreTrainedModel):
                 out.append(None)
                 mix = mixer(x, ctx)
             else:
-                zq, zk, zv = (p(x).view(1, S, -1, hd) for p in (mixer.q_proj, mixer.k_proj, mixer.v_proj))
+                zq, zk, zv = (t.view(1, S, -1, hd) for t in project(mixer, QKV, x))
                 q, k, v = (t.transpose(1, 2) for t in (zq, zk, zv))
                 if mixer.kv_quantizer is not None:
                     k, v = mixer.kv_quantizer(k, v)

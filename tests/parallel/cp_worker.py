@@ -51,8 +51,8 @@ def cache_tensors(cache) -> dict:
     for i, lc in enumerate(cache.layers):
         if lc.linear is not None:
             out[f"{i}.state"] = lc.linear.state
-        if lc.kv is not None:
-            for name, t in lc.kv.tensors.items():
+        if lc.kv is not None and lc.kv.past() is not None:  # past(): [B, Hkv, L, D] whatever the storage
+            for name, t in zip(("k", "v", "pos", "valid"), lc.kv.past()):
                 out[f"{i}.kv.{name}"] = t
         if lc.sink_kv is not None:
             out[f"{i}.sink_k"], out[f"{i}.sink_v"] = lc.sink_kv

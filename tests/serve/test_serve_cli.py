@@ -92,11 +92,21 @@ def test_int8_path(sb_model_dir, sb_model):
     with torch.no_grad():
         ref = sb_model(input_ids=ids).logits
         q, _, _ = load_model(str(sb_model_dir), int8=True)
-        assert not isinstance(q.model.layers[0].self_attn.q_proj, torch.nn.Linear)
-        assert isinstance(q.lm_head, torch.nn.Linear)  # the head stays in floating point
+        assert not isinstance(q.model.layers[0].self_attn.qkv_proj, torch.nn.Linear)  # fused, then int8
+        assert not isinstance(q.lm_head, torch.nn.Linear)  # the head is int8 too by default
+        # the (tied) embedding table is untouched
+        assert torch.equal(q.get_input_embeddings().weight, sb_model.get_input_embeddings().weight)
         out = q(input_ids=ids).logits
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_int8_can_keep_the_head_in_float(sb_model):
+    import copy
+
+    q, _ = quantize_int8(copy.deepcopy(sb_model), head=False)
+    assert isinstance(q.lm_head, torch.nn.Linear)
+    assert not isinstance(q.model.layers[0].mlp.down_proj, torch.nn.Linear)
 
 
 def test_weight_only_int8_linear_matches():

@@ -190,12 +190,16 @@ def _decode(v: View, d: dict) -> None:
     rows = d["rows"]
     models = [k[:-3] for k in rows[0] if k.endswith("_ms")] if rows else []
     sb = [m for m in models if m != "teacher" and m != "llama_cpp"]
-    cols = ["context"] + [f"{m} ms/token" for m in models] + [f"teacher / {m}" for m in sb] + \
+    # (numerator, denominator) pairs: > 1 means the denominator is faster
+    pairs = [(b, m) for b in ("teacher", "llama_cpp") if b in models for m in sb]
+    if "sb_bf16" in sb and "sb_int8" in sb:
+        pairs.append(("sb_bf16", "sb_int8"))
+    cols = ["context"] + [f"{m} ms/token" for m in models] + [f"{a} / {b}" for a, b in pairs] + \
         [f"{m} tok/s" for m in sb[:1]]
     table = []
     for r in rows:
         cells = [str(r["context"])] + [fmt(r.get(f"{m}_ms")) for m in models]
-        cells += [ratio(r["teacher_ms"] / r[f"{m}_ms"]) if r.get(f"{m}_ms") and r.get("teacher_ms") else "-" for m in sb]
+        cells += [ratio(r[f"{a}_ms"] / r[f"{b}_ms"]) if r.get(f"{a}_ms") and r.get(f"{b}_ms") else "-" for a, b in pairs]
         cells += [fmt(1000 / r[f"{m}_ms"]) if r.get(f"{m}_ms") else "-" for m in sb[:1]]
         table.append(cells)
     v.tables.append(Table(cols, table))

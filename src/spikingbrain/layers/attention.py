@@ -11,11 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from spikingbrain.layers.context import MixerContext
+from spikingbrain.layers.projections import QKV, project
 from spikingbrain.layers.rope import apply_rope
 from spikingbrain.ops.sliding_window import windowed_attention
 
 
 class SoftmaxAttention(nn.Module):
+    fusable = (QKV,)
+
     def __init__(self, config, layer_idx: int, window: int | None) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -34,9 +37,10 @@ class SoftmaxAttention(nn.Module):
     def project(self, x: torch.Tensor):
         """``x [B, T, d]`` -> q ``[B, H, T, D]``, k, v ``[B, Hkv, T, D]`` (before RoPE)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = project(self, QKV, x)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return q, k, v
 
     def attend(self, q, k, v, ctx: MixerContext, cache=None, sink_kv=None) -> torch.Tensor:
@@ -99,7 +103,17 @@ def _decode_step_in_ring(q, k, v, ctx: MixerContext, window: int, cache):
     kk, vv, kpos, kvalid = cache.past()
     qpos = ctx.positions  # [B, 1]
     mask = kvalid & (kpos <= qpos) & (kpos > qpos - window)  # [B, w]
-    o = F.scaled_dot_product_attention(q, kk.to(q.dtype), vv.to(q.dtype), attn_mask=mask[:, None, None, :],
-                                       enable_gqa=q.shape[1] != kk.shape[1])
-    # a padded row has no visible key: SDPA gives NaN there, the general path gives 0
+    # Two plain matmuls with the query heads of a KV group as rows: one read of the window, no
+    # head repetition. On CPU this is ~2x faster than SDPA's masked kernel for one query.
+    B, H, _, D = q.shape
+    Hkv = kk.shape[1]
+    qr = q.reshape(B, Hkv, H // Hkv, D) * D**-0.5  # head h uses KV head h // (H / Hkv)
+    s = torch.matmul(qr.to(kk.dtype), kk.transpose(-1, -2)).float()  # [B, Hkv, H/Hkv, w]
+    full = bool(mask.all())  # the usual case once the ring has filled: nothing to mask
+    if not full:
+        s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
+    o = torch.matmul(torch.softmax(s, -1).to(vv.dtype), vv).reshape(B, H, 1, D).to(q.dtype)
+    if full:
+        return o
+    # a padded row has no visible key: softmax gives NaN there, the general path gives 0
     return torch.where(mask.any(-1)[:, None, None, None], o, torch.zeros_like(o))

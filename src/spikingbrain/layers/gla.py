@@ -20,6 +20,7 @@ from torch import nn
 
 from spikingbrain.layers.context import MixerContext
 from spikingbrain.layers.norm import RMSNorm
+from spikingbrain.layers.projections import QKV, project
 from spikingbrain.ops.gla import gla
 
 
@@ -40,6 +41,7 @@ class GatedLinearAttention(nn.Module):
             self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=config.attention_bias)
             self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=config.attention_bias)
             self.o_proj = nn.Linear(self.num_heads * hd, d, bias=config.attention_out_bias)
+        self.fusable = (QKV,) if with_projections else ()
         if self.gate == "lowrank":
             r = config.gla_gate_low_rank_dim
             self.gk_proj = nn.Sequential(
@@ -84,8 +86,9 @@ class GatedLinearAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: MixerContext, cache=None, sink_kv=None) -> torch.Tensor:
         B, T, _ = x.shape
-        zq = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        zk = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        zq, zk, v = project(self, QKV, x)
+        zq = zq.view(B, T, self.num_heads, self.head_dim)
+        zk = zk.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         o = self.linear_attention(x, zq, zk, v, ctx, cache.linear if cache is not None else None)
         return self.o_proj(o.reshape(B, T, -1))

@@ -15,9 +15,12 @@ from spikingbrain.layers.attention import softmax_attend
 from spikingbrain.layers.context import MixerContext
 from spikingbrain.layers.gla import GatedLinearAttention
 from spikingbrain.layers.norm import RMSNorm
+from spikingbrain.layers.projections import QKV, project
 
 
 class ParallelHybrid(nn.Module):
+    fusable = (QKV,)
+
     def __init__(self, config, layer_idx: int, window: int | None) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -41,24 +44,21 @@ class ParallelHybrid(nn.Module):
     def _shape(self, t, B, T, heads):
         return t.view(B, T, heads, self.head_dim)
 
+    def shaped_qkv(self, owner, x):
+        """``owner``'s q/k/v projections of ``x``, ``[B, T, heads, D]`` each."""
+        B, T, _ = x.shape
+        q, k, v = project(owner, QKV, x)
+        return (self._shape(q, B, T, self.num_heads), self._shape(k, B, T, self.num_kv_heads),
+                self._shape(v, B, T, self.num_kv_heads))
+
     def linear_inputs(self, x, zq, zk, v):
         """The linear branch's pre-activation q, k and v (``[B, T, heads, D]``): its own
         projections of ``x`` when separate, else the shared ``zq, zk, v``."""
-        if not self.separate:
-            return zq, zk, v
-        B, T, _ = x.shape
-        return (
-            self._shape(self.gla.q_proj(x), B, T, self.num_heads),
-            self._shape(self.gla.k_proj(x), B, T, self.num_kv_heads),
-            self._shape(self.gla.v_proj(x), B, T, self.num_kv_heads),
-        )
+        return self.shaped_qkv(self.gla, x) if self.separate else (zq, zk, v)
 
     def branches(self, x, ctx: MixerContext, cache=None, sink_kv=None):
         """Both branch outputs, normed, ``[B, T, H, D]`` each: ``(o_linear, o_softmax)``."""
-        B, T, _ = x.shape
-        zq = self._shape(self.q_proj(x), B, T, self.num_heads)
-        zk = self._shape(self.k_proj(x), B, T, self.num_kv_heads)
-        v = self._shape(self.v_proj(x), B, T, self.num_kv_heads)
+        zq, zk, v = self.shaped_qkv(self, x)
         lq, lk, lv = self.linear_inputs(x, zq, zk, v)
         o_lin = self.gla.linear_attention(x, lq, lk, lv, ctx, cache.linear if cache is not None else None)
         o_soft = softmax_attend(

@@ -2,8 +2,12 @@
 from torch import nn
 from transformers.activations import ACT2FN
 
+from spikingbrain.layers.projections import GATE_UP, project
+
 
 class SwiGLU(nn.Module):
+    fusable = (GATE_UP,)
+
     def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str = "silu") -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
@@ -12,4 +16,5 @@ class SwiGLU(nn.Module):
         self.act_fn = ACT2FN[hidden_act]
 
     def forward(self, x):
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(self, GATE_UP, x)
+        return self.down_proj(self.act_fn(gate) * up)

@@ -57,6 +57,8 @@ _GROUPED_MIN_ROWS_PER_EXPERT = 16
 class SwiGLUExpert(SwiGLU):
     """One expert: the dense SwiGLU ``down(silu(gate(x)) * up(x))`` (same parameter names)."""
 
+    fusable = ()  # the MoE reads the experts' weights directly
+
 
 class MoE(nn.Module):
     """Top-k routed SwiGLU experts plus always-on shared experts (see the module docstring).

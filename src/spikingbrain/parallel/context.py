@@ -368,18 +368,8 @@ def _branches(run: _Run, mod: ParallelHybrid, original, x, ctx, cache=None, sink
     """``ParallelHybrid.branches`` on a shard."""
     if run.sink_pass or cache is not None:
         return original(x, ctx, cache, sink_kv)
-    B, T, _ = x.shape
-    zq = mod._shape(mod.q_proj(x), B, T, mod.num_heads)
-    zk = mod._shape(mod.k_proj(x), B, T, mod.num_kv_heads)
-    v = mod._shape(mod.v_proj(x), B, T, mod.num_kv_heads)
-    if hasattr(mod, "linear_inputs"):
-        lq, lk, lv = mod.linear_inputs(x, zq, zk, v)
-    elif mod.separate:
-        lq = mod._shape(mod.gla.q_proj(x), B, T, mod.num_heads)
-        lk = mod._shape(mod.gla.k_proj(x), B, T, mod.num_kv_heads)
-        lv = mod._shape(mod.gla.v_proj(x), B, T, mod.num_kv_heads)
-    else:
-        lq, lk, lv = zq, zk, v
+    zq, zk, v = mod.shaped_qkv(mod, x)
+    lq, lk, lv = mod.linear_inputs(x, zq, zk, v)
     o_lin = mod.gla.linear_attention(x, lq, lk, lv, ctx, None)  # the replaced method
     o_soft = _softmax_attend(run, mod.layer_idx, zq.transpose(1, 2), zk.transpose(1, 2), v.transpose(1, 2),
                              ctx, mod.window, sink_kv, mod.kv_quantizer).transpose(1, 2)

@@ -17,7 +17,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="model directory (default: ./spikingbrain-demo/model from `spikingbrain demo`)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                    help="weights/activations dtype (bf16 halves memory; fast on CPUs with AVX512-BF16/AMX)")
-    p.add_argument("--int8", action="store_true", help="int8 weight linears (dynamic quantization) on CPU")
+    p.add_argument("--int8", action="store_true", help="CPU fast path: int8 linears (dynamic quantization), LM head included; the fastest decode on CPU")
     p.add_argument("--prefill-chunk", type=int, default=512, metavar="N",
                    help="feed long prompts N tokens at a time (bounded memory)")
 

@@ -31,6 +31,7 @@ def load_model(model: str | None, dtype: str = "fp32", int8: bool = False):
     import spikingbrain  # noqa: F401  (Auto registration)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from spikingbrain.layers.projections import fuse_projections
     from spikingbrain.serve.quantize import cast_dtype, quantize_int8
 
     path = resolve_model_dir(model)
@@ -45,6 +46,7 @@ def load_model(model: str | None, dtype: str = "fp32", int8: bool = False):
     except Exception as e:
         raise SpikingBrainError(f"could not load a model from {str(path)!r}: {type(e).__name__}: {e}") from None
     lm.eval()
+    fuse_projections(lm)  # inference only: one matmul for q/k/v and one for gate/up
     if int8:
         if dtype != "fp32":
             raise SpikingBrainError("--int8 runs int8 weights with fp32 activations; do not combine it with --dtype")
