@@ -153,3 +153,23 @@ def test_long_input_uses_blocks_not_a_dense_mask(monkeypatch):
     ref = reference(q[:, :, i:i + 1].double(), k[:, :, i - w + 1:i + 1].double(),
                     v[:, :, i - w + 1:i + 1].double(), torch.ones(1, 1, w, dtype=torch.bool))
     assert_close_rel(o[:, :, i:i + 1], ref, 1e-5)
+
+
+@pytest.mark.parametrize("block_size", [5, 7, 16])
+def test_padding_inside_the_sequence_blocked_equals_dense(block_size):
+    """Padding in the middle of a row (e.g. an attention mask with holes): positions skip the
+    pads, so a query's window reaches further back in index than ``w``; the blocked path must
+    pick keys by position, like the dense one."""
+    T, w, B, H, Hkv = 40, 6, 2, 4, 2
+    q, k, v = rand(B, H, T, D, seed=20), rand(B, Hkv, T, D, seed=21), rand(B, Hkv, T, D, seed=22)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[0, 12:21] = False  # 9 pads, more than a window
+    valid[1, :3] = False
+    pos = valid.long().cumsum(1) - valid.long()
+    o = windowed_attention(q, k, v, q_pos=pos, k_pos=pos, window=w, k_valid=valid, block_size=block_size)
+    dense = windowed_attention(q, k, v, q_pos=pos, k_pos=pos, window=w, k_valid=valid, block_size=T)
+    allowed = (pos[:, None, :] <= pos[:, :, None]) & (pos[:, None, :] > pos[:, :, None] - w) & valid[:, None, :]
+    ref = reference(q, k, v, allowed)
+    for b in range(B):
+        assert_close_rel(dense[b][:, valid[b]], ref[b][:, valid[b]], TOL, f"dense row {b}")
+        assert_close_rel(o[b][:, valid[b]], ref[b][:, valid[b]], TOL, f"blocked row {b}")

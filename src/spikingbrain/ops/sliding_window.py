@@ -50,12 +50,22 @@ def windowed_attention(
         block_size = 256 if (window or 0) <= 256 else 512
     if window is None or T <= block_size:
         return _dense(q, k, v, q_pos, k_pos, window, scale, k_valid, q_seg, k_seg, sink_k, sink_v, P)
+    # With padding inside the chunk, positions skip the pads and a window reaches further back in
+    # index than `window`: find each block's first key by position instead (positions of a
+    # chunk's keys never decrease along a row; with documents they restart, but then the index
+    # rule is already a superset, since the document mask does the rest).
+    by_position = k_valid is not None and q_seg is None and not bool(k_valid[:, P:].all())
     outs = []
     for s in range(0, T, block_size):
         e = min(T, s + block_size)
         lo = max(0, s - window + 1)
+        if by_position:
+            need = q_pos[:, s] - window + 1  # [B]: the oldest position any query of the block sees
+            first = torch.searchsorted(k_pos[:, P:].contiguous(), need[:, None].contiguous())  # [B, 1]
+            lo = min(lo, int(first.min()))
         idx = torch.arange(P + lo, P + e, device=q.device)
-        n_past = P if s < window else 0  # the cached past can only reach the first `window` queries
+        # the cached past can only reach queries whose window starts before the chunk does
+        n_past = P if lo == 0 else 0
         if n_past:
             idx = torch.cat([torch.arange(P, device=q.device), idx])
         outs.append(_dense(
