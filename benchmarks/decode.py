@@ -141,8 +141,8 @@ def main(argv=None) -> int:
                 got[v] = time_decode(m, fill_spikingbrain_cache(m, L), args.tokens, args.warmup)
             if r == 0 and gguf and L <= args.llama_cpp_max_context:
                 got["llama_cpp"] = time_llama_cpp(gguf, L, args.tokens, args.threads)
-            best[L] = {c: min(t, best[L].get(c, t)) for c, t in got.items()} | \
-                {c: t for c, t in best[L].items() if c not in got}
+            for c, t in got.items():
+                best[L][c] = min(t, best[L].get(c, t))
             if args.rounds > 1:
                 print(f"  round {r + 1}/{args.rounds} context {L}: " +
                       ", ".join(f"{c} {t:.1f}" for c, t in got.items()), flush=True)

@@ -154,7 +154,7 @@ def test_demo_end_to_end_with_a_tiny_teacher(tmp_path, monkeypatch):
     tiny = tiny_llama(vocab=len(tok), layers=2)
     tiny.config.eos_token_id = tok.eos_token_id
     monkeypatch.setattr(teacher_mod, "load_teacher", lambda *a, **k: (tiny, tok))
-    s = DemoSettings(out=str(tmp_path / "demo"), full_conversion=True, seq_len=32, train_sequences=8,
+    s = DemoSettings(out=str(tmp_path / "demo"), seq_len=32, train_sequences=8,
                      transfer_steps=3, distill_steps=2, batch_size=2, eval_tokens=256, eval_context=64,
                      decode_context=128, decode_tokens=2, chat_tokens=4, sliding_window=16, progress=False)
     r = run_demo(s)

@@ -46,7 +46,6 @@ class DemoSettings:
     training budget is multiplied by ``gpu_scale``."""
 
     out: str = "spikingbrain-demo"
-    full_conversion: bool = False  # ignore delta_path
     layout: str = "7b"
     sliding_window: int = 4096
     seq_len: int = 256
@@ -397,6 +396,9 @@ def run_demo(s: DemoSettings | None = None) -> dict:
     from spikingbrain.convert.teacher import load_teacher
 
     s = s or DemoSettings()
+    delta = Path(s.delta_path) if s.delta_path else None
+    if delta is not None and not delta.is_file():  # before minutes of loading and converting
+        raise SpikingBrainError(f"delta file not found: {delta}")
     torch.manual_seed(s.seed)
     device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     scale = s.gpu_scale if device.type == "cuda" else 1.0
@@ -421,16 +423,13 @@ def run_demo(s: DemoSettings | None = None) -> dict:
     stage("convert")
     student = convert_from_transformer(teacher, layout=s.layout, sliding_window=s.sliding_window,
                                        tokenizer=tokenizer, seed=s.seed)
-    delta = Path(s.delta_path) if s.delta_path and not s.full_conversion else None
     conversion: dict
     if delta is not None:
-        if not delta.is_file():
-            raise SpikingBrainError(f"delta file not found: {delta}")
         meta = apply_delta(student, teacher, delta)
         conversion = {"method": f"started from the trained delta {delta.name} ({meta.get('provenance', '')})",
                       "delta": str(delta), "delta_metadata": meta}
     done("convert")
-    if s.full_conversion or delta is None:
+    if delta is None:
         stage("attention transfer")
         info = full_conversion(student, teacher, train_stream, s, scale)
         conversion = {"method": f"whole conversion in this run: output-norm calibration + attention transfer "

@@ -19,10 +19,11 @@ FUSED_NAMES = {QKV: "qkv_proj", GATE_UP: "gate_up_proj"}
 
 def project(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``tuple(getattr(owner, n)(x) for n in names)``, as one matmul when ``names`` were fused."""
-    fused = getattr(owner, FUSED_NAMES[names], None)
-    if fused is None:
+    # a plain dict lookup: the unfused (training) path should not pay for a failed nn.Module getattr
+    sizes = owner.__dict__.get("fused_sizes", {}).get(FUSED_NAMES[names])
+    if sizes is None:
         return tuple(getattr(owner, n)(x) for n in names)
-    return fused(x).split(owner.fused_sizes[FUSED_NAMES[names]], -1)
+    return getattr(owner, FUSED_NAMES[names])(x).split(sizes, -1)
 
 
 def _fuse(owner: nn.Module, names: tuple[str, ...]) -> bool:
@@ -53,6 +54,6 @@ def fuse_projections(model: nn.Module) -> int:
     n = 0
     for module in list(model.modules()):
         for names in (QKV, GATE_UP):
-            if getattr(module, "fusable", ()) and names in module.fusable:
+            if names in getattr(module, "fusable", ()):
                 n += _fuse(module, names)
     return n

@@ -55,13 +55,14 @@ def windowed_attention(
     # chunk's keys never decrease along a row; with documents they restart, but then the index
     # rule is already a superset, since the document mask does the rest).
     by_position = k_valid is not None and q_seg is None and not bool(k_valid[:, P:].all())
+    chunk_pos = k_pos[:, P:].contiguous() if by_position else None
     outs = []
     for s in range(0, T, block_size):
         e = min(T, s + block_size)
         lo = max(0, s - window + 1)
         if by_position:
             need = q_pos[:, s] - window + 1  # [B]: the oldest position any query of the block sees
-            first = torch.searchsorted(k_pos[:, P:].contiguous(), need[:, None].contiguous())  # [B, 1]
+            first = torch.searchsorted(chunk_pos, need[:, None])  # [B, 1]
             lo = min(lo, int(first.min()))
         idx = torch.arange(P + lo, P + e, device=q.device)
         # the cached past can only reach queries whose window starts before the chunk does

@@ -6,8 +6,8 @@ missing (it is deprecated in recent PyTorch), ``Int8Linear`` stores int8 weights
 scale per output row and dequantizes them at each call: the memory saving without the GEMM
 speed-up. The embeddings stay in floating point. The LM head is quantized too by default
 (``head=False`` keeps it in floating point, the spiking scheme's rule): at batch 1 it is one
-~[vocab x d] read per token, ~15% of a 135M model's decode step in fp32. A tied head gets an int8
-copy; the embedding table it shares weights with is left as it is.
+~[vocab x d] read per token, ~15% of a 135M model's decode step in fp32. Quantizing builds a new
+module from the weight, so an embedding table tied to the head is left as it is.
 """
 from __future__ import annotations
 
@@ -39,23 +39,14 @@ class Int8Linear(nn.Module):
         return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
 
-def _linears(model: nn.Module, head: bool) -> set[str]:
-    """Names of the nn.Linear modules to quantize: the decoder blocks', plus the LM head's."""
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return {name for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and (head or m is not out_emb)}
-
-
 def quantize_int8(model: nn.Module, head: bool = True) -> tuple[nn.Module, str]:
     """Replace the linears by int8 ones, in place (the LM head too unless ``head=False``).
     Returns ``(model, method)`` with method ``"dynamic"`` (torch dynamic quantization) or
     ``"weight-only"`` (``Int8Linear``)."""
     model = model.float().eval()  # dynamic quantization needs fp32 activations
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head and out_emb is not None and out_emb.weight is getattr(model.get_input_embeddings(), "weight", None):
-        # untie: quantizing the head must not touch the embedding table it shares weights with
-        out_emb.weight = nn.Parameter(out_emb.weight.detach().clone(), requires_grad=False)
-    names = _linears(model, head)
+    names = {name for name, m in model.named_modules()
+             if isinstance(m, nn.Linear) and (head or m is not out_emb)}
     if not names:
         raise SpikingBrainError("the model has no nn.Linear layers to quantize")
     try:
