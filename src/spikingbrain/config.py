@@ -14,6 +14,7 @@ from spikingbrain.errors import SpikingBrainError
 
 LAYER_TYPES = ("gla", "swa", "full", "gla+swa", "gla+full")
 MLP_LAYER_TYPES = ("dense", "moe")
+WINDOW_CONVENTIONS = ("keys", "flash-attn", "sdpa")
 
 
 class SpikingBrainConfig(PretrainedConfig):
@@ -23,10 +24,23 @@ class SpikingBrainConfig(PretrainedConfig):
         layer_types: one entry per layer: ``"gla"`` (gated linear attention), ``"swa"``
             (sliding-window softmax attention), ``"full"`` (causal softmax attention) or the
             intra-layer parallel hybrids ``"gla+swa"`` / ``"gla+full"``.
-        sliding_window: keys seen by each query in SWA layers, itself included.
+        sliding_window: keys seen by each query in SWA layers, itself included: query ``i`` sees
+            keys ``i - sliding_window + 1 .. i``. Always this meaning, whatever the checkpoint the
+            model came from (prefill, decode ring buffers and every consumer use it as is).
+        window_convention: how ``sliding_window`` was derived, recorded for readers and tools
+            (it does not change the meaning above). ``"keys"``: set directly (native models).
+            Models loaded from the released ``gla_swa`` checkpoints, whose config holds a window
+            ``W`` (4096): ``"flash-attn"`` (the default) reproduces their training and prefill
+            path, flash-attn ``window_size=(W, 0)``: the current token and ``W`` before it, so
+            ``sliding_window = W + 1`` (4097); ``"sdpa"`` reproduces their SDPA file and their
+            decode cache, ``W`` keys in all, so ``sliding_window = W``. (Their HF decode mixes
+            the two: 4097 keys in prefill, 4096 per decode step past the window; neither
+            convention alone reproduces that mix beyond ``W`` tokens.)
         gla_feature_map: ``"relu"`` (7B), ``"sigmoid"`` (76B linear branch) or ``"identity"``.
-        gla_gate: ``"lowrank"`` (7B: ``logsigmoid(W2 W1 x + b) / normalizer``) or ``"key"``
-            (76B: ``g_t = 1 - k_t``, no gate parameters; needs a feature map in [0, 1]).
+        gla_gate: ``"lowrank"`` (7B: ``logsigmoid(W2 W1 x + b) / normalizer``), ``"full"``
+            (a full-rank ``logsigmoid(W x + b) / normalizer``, the released W8ASpike checkpoint's
+            gate) or ``"key"`` (76B: ``g_t = 1 - k_t``, no gate parameters; needs a feature map
+            in [0, 1]).
         gla_gate_low_rank_dim / gla_gate_logit_normalizer: the 16 and 16 of SPEC.md.
         gla_chunk_size: chunk length of the chunked parallel form on CPU.
         hybrid_separate_proj: hybrids give the linear branch its own q/k/v projections.
@@ -37,6 +51,10 @@ class SpikingBrainConfig(PretrainedConfig):
         num_experts / num_experts_per_tok / num_shared_experts / router_type /
         router_aux_loss_coef / router_z_loss_coef / moe_intermediate_size / norm_topk_prob:
             the MoE FFN (see ``layers/moe.py``).
+        spiking: None for a float model; for a model saved in its spiking inference form
+            (``spiking.spikify``), the scheme that built it (``spiking.spikify.SpikingScheme``
+            as a dict): the loader rebuilds that structure so the saved integer weights and
+            scales load into it.
     """
 
     model_type = "spikingbrain"
@@ -61,6 +79,7 @@ class SpikingBrainConfig(PretrainedConfig):
         tie_word_embeddings: bool = False,
         layer_types: list[str] | None = None,
         sliding_window: int = 4096,
+        window_convention: str = "keys",
         gla_feature_map: str = "relu",
         gla_gate: str = "lowrank",
         gla_gate_low_rank_dim: int = 16,
@@ -77,6 +96,7 @@ class SpikingBrainConfig(PretrainedConfig):
         router_z_loss_coef: float = 0.0,
         moe_intermediate_size: int | None = None,
         norm_topk_prob: bool = False,
+        spiking: dict | None = None,
         use_cache: bool = True,
         pad_token_id: int | None = None,
         bos_token_id: int | None = 1,
@@ -98,6 +118,7 @@ class SpikingBrainConfig(PretrainedConfig):
         self.attention_bias = attention_bias
         self.attention_out_bias = attention_out_bias
         self.sliding_window = sliding_window
+        self.window_convention = window_convention
         self.gla_feature_map = gla_feature_map
         self.gla_gate = gla_gate
         self.gla_gate_low_rank_dim = gla_gate_low_rank_dim
@@ -113,6 +134,7 @@ class SpikingBrainConfig(PretrainedConfig):
         self.router_z_loss_coef = router_z_loss_coef
         self.moe_intermediate_size = moe_intermediate_size
         self.norm_topk_prob = norm_topk_prob
+        self.spiking = dict(spiking) if spiking else None
         self.use_cache = use_cache
         super().__init__(
             pad_token_id=pad_token_id,
@@ -159,10 +181,14 @@ class SpikingBrainConfig(PretrainedConfig):
             )
         if self.sliding_window is None or self.sliding_window < 1:
             raise SpikingBrainError(f"sliding_window must be >= 1, got {self.sliding_window}")
+        if self.window_convention not in WINDOW_CONVENTIONS:
+            raise SpikingBrainError(
+                f"window_convention must be one of {WINDOW_CONVENTIONS}, got {self.window_convention!r}"
+            )
         if self.gla_feature_map not in ("relu", "sigmoid", "identity"):
             raise SpikingBrainError(f"gla_feature_map must be relu|sigmoid|identity, got {self.gla_feature_map!r}")
-        if self.gla_gate not in ("lowrank", "key"):
-            raise SpikingBrainError(f"gla_gate must be lowrank|key, got {self.gla_gate!r}")
+        if self.gla_gate not in ("lowrank", "full", "key"):
+            raise SpikingBrainError(f"gla_gate must be lowrank|full|key, got {self.gla_gate!r}")
         if self.gla_gate == "key" and self.gla_feature_map != "sigmoid":
             raise SpikingBrainError("gla_gate='key' (g = 1 - k) needs gla_feature_map='sigmoid' so that k is in (0, 1)")
         if self.router_type not in ("softmax", "sigmoid"):

@@ -158,6 +158,8 @@ class SpikingBrainModel(SpikingBrainPreTrainedModel):
                 q, k, v = (t.transpose(1, 2) for t in (zq, zk, zv))
                 if mixer.kv_quantizer is not None:
                     k, v = mixer.kv_quantizer(k, v)
+                if mixer.q_quantizer is not None:
+                    q = mixer.q_quantizer(q)
                 out.append((k, v))
                 o_soft = F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1]).transpose(1, 2)
                 if isinstance(mixer, ParallelHybrid):
@@ -281,6 +283,16 @@ class SpikingBrainForCausalLM(SpikingBrainPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Load a model directory strictly and streamed (``spikingbrain.loader``): this package's
+        format or the released ``gla_swa`` checkpoints (options ``window_convention``,
+        ``down_proj``). Missing, unused or misshapen weights, a truncated file, an unknown model
+        type or a config lacking a field are errors naming the problem; nothing is loaded then."""
+        from spikingbrain.loader import from_pretrained_call
+
+        return from_pretrained_call(pretrained_model_name_or_path, model_args, kwargs)
 
     def get_input_embeddings(self):
         return self.model.embed_tokens

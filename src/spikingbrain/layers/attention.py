@@ -31,8 +31,10 @@ class SoftmaxAttention(nn.Module):
         self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=config.attention_bias)
         self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * hd, d, bias=config.attention_out_bias)
-        # Set by spiking.spikify for INT8 keys/values: (k, v) -> (k, v), shapes [B, Hkv, T, D].
+        # Set by spiking.spikify for INT8 keys/values: (k, v) -> (k, v), shapes [B, Hkv, T, D];
+        # and, for the released W8ASpike scheme, a spike coder of the query after RoPE: q -> q.
         self.kv_quantizer = None
+        self.q_quantizer = None
 
     def project(self, x: torch.Tensor):
         """``x [B, T, d]`` -> q ``[B, H, T, D]``, k, v ``[B, Hkv, T, D]`` (before RoPE)."""
@@ -44,7 +46,7 @@ class SoftmaxAttention(nn.Module):
         return q, k, v
 
     def attend(self, q, k, v, ctx: MixerContext, cache=None, sink_kv=None) -> torch.Tensor:
-        return softmax_attend(q, k, v, ctx, self.window, cache, sink_kv, self.kv_quantizer)
+        return softmax_attend(q, k, v, ctx, self.window, cache, sink_kv, self.kv_quantizer, self.q_quantizer)
 
     def forward(self, x: torch.Tensor, ctx: MixerContext, cache=None, sink_kv=None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -53,8 +55,9 @@ class SoftmaxAttention(nn.Module):
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
 
 
-def softmax_attend(q, k, v, ctx: MixerContext, window, cache=None, sink_kv=None, kv_quantizer=None):
-    """RoPE, INT8-KV hook, cache update and (windowed) attention.
+def softmax_attend(q, k, v, ctx: MixerContext, window, cache=None, sink_kv=None, kv_quantizer=None,
+                   q_quantizer=None):
+    """RoPE, INT8-KV and query hooks, cache update and (windowed) attention.
 
     ``q [B, H, T, D]``, ``k, v [B, Hkv, T, D]`` (before RoPE); ``cache``: a ``KVState`` or None.
     Returns ``[B, H, T, D]``.
@@ -63,6 +66,8 @@ def softmax_attend(q, k, v, ctx: MixerContext, window, cache=None, sink_kv=None,
     k = apply_rope(k, ctx.cos, ctx.sin)
     if kv_quantizer is not None:
         k, v = kv_quantizer(k, v)
+    if q_quantizer is not None:
+        q = q_quantizer(q)
     B, T = q.shape[0], q.shape[2]
     q_pos = k_pos = ctx.positions
     k_valid = ctx.valid
@@ -108,7 +113,8 @@ def _decode_step_in_ring(q, k, v, ctx: MixerContext, window: int, cache):
     B, H, _, D = q.shape
     Hkv = kk.shape[1]
     qr = q.reshape(B, Hkv, H // Hkv, D) * D**-0.5  # head h uses KV head h // (H / Hkv)
-    s = torch.matmul(qr.to(kk.dtype), kk.transpose(-1, -2)).float()  # [B, Hkv, H/Hkv, w]
+    s = torch.matmul(qr.to(kk.dtype), kk.transpose(-1, -2))  # [B, Hkv, H/Hkv, w]
+    s = s.to(torch.promote_types(s.dtype, torch.float32))
     full = bool(mask.all())  # the usual case once the ring has filled: nothing to mask
     if not full:
         s = s.masked_fill(~mask[:, None, None, :], float("-inf"))

@@ -4,6 +4,7 @@ From the pre-normed input ``x``::
 
     q = phi(W_q x + b_q),  k = phi(W_k x + b_k),  v = W_v x + b_v     (phi = relu; no RoPE)
     g = logsigmoid(W_g2 (W_g1 x) + b_g2) / 16                          (per key channel, KV head)
+                                          (gla_gate="full": one full-rank W_g x + b_g instead)
     S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t,   o_t = (q_t / sqrt(dh)) S_t
     out = W_o merge_heads(RMSNorm_dh(o))
 
@@ -47,6 +48,8 @@ class GatedLinearAttention(nn.Module):
             self.gk_proj = nn.Sequential(
                 nn.Linear(d, r, bias=False), nn.Linear(r, self.num_kv_heads * hd, bias=True)
             )
+        elif self.gate == "full":
+            self.gk_proj = nn.Linear(d, self.num_kv_heads * hd, bias=True)
         self.o_norm = RMSNorm(hd, eps=config.rms_norm_eps)
 
     def _phi(self, z: torch.Tensor) -> torch.Tensor:
@@ -59,12 +62,13 @@ class GatedLinearAttention(nn.Module):
     def linear_attention(self, x, zq, zk, v, ctx: MixerContext, cache=None) -> torch.Tensor:
         """Pre-activation ``zq [B, T, H, D]``, ``zk, v [B, T, Hkv, D]`` -> normed ``o [B, T, H, D]``."""
         q, k = self._phi(zq), self._phi(zk)
-        if self.gate == "lowrank":
+        gdt = torch.promote_types(x.dtype, torch.float32)  # fp32 at least (fp64 stays fp64)
+        if self.gate in ("lowrank", "full"):
             B, T = x.shape[:2]
-            g = F.logsigmoid(self.gk_proj(x).float()).view(B, T, self.num_kv_heads, self.head_dim)
+            g = F.logsigmoid(self.gk_proj(x).to(gdt)).view(B, T, self.num_kv_heads, self.head_dim)
             g = g / self.gate_normalizer
         else:
-            g = F.logsigmoid(-zk.float())  # log(1 - sigmoid(zk))
+            g = F.logsigmoid(-zk.to(gdt))  # log(1 - sigmoid(zk))
         if ctx.valid is not None:
             m = ctx.valid[:, :, None, None].to(k.dtype)
             k, v = k * m, v * m

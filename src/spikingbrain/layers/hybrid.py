@@ -40,6 +40,7 @@ class ParallelHybrid(nn.Module):
         self.attn_norm = RMSNorm(hd, eps=config.rms_norm_eps)
         self.merge = nn.Parameter(torch.full((2,), 0.5))
         self.kv_quantizer = None
+        self.q_quantizer = None  # see SoftmaxAttention
 
     def _shape(self, t, B, T, heads):
         return t.view(B, T, heads, self.head_dim)
@@ -63,7 +64,7 @@ class ParallelHybrid(nn.Module):
         o_lin = self.gla.linear_attention(x, lq, lk, lv, ctx, cache.linear if cache is not None else None)
         o_soft = softmax_attend(
             zq.transpose(1, 2), zk.transpose(1, 2), v.transpose(1, 2), ctx, self.window,
-            cache.kv if cache is not None else None, sink_kv, self.kv_quantizer,
+            cache.kv if cache is not None else None, sink_kv, self.kv_quantizer, self.q_quantizer,
         ).transpose(1, 2)
         return o_lin, self.attn_norm(o_soft)
 

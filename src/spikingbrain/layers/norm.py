@@ -1,4 +1,5 @@
-"""RMSNorm, computed in fp32 like Llama/Qwen2 so converted models match their teachers exactly."""
+"""RMSNorm, computed in fp32 like Llama/Qwen2 so converted models match their teachers exactly
+(fp64 inputs stay in fp64, for reference comparisons)."""
 import torch
 from torch import nn
 
@@ -13,7 +14,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.to(torch.float32)
+        x = x.to(torch.promote_types(dtype, torch.float32))
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return self.weight * x.to(dtype)
 

@@ -335,12 +335,14 @@ def _linear_attention(run: _Run, mod: GatedLinearAttention, original, x, zq, zk,
     return mod.o_norm(o).to(x.dtype)
 
 
-def _softmax_attend(run: _Run, layer: int, q, k, v, ctx, window, sink_kv, kv_quantizer):
+def _softmax_attend(run: _Run, layer: int, q, k, v, ctx, window, sink_kv, kv_quantizer, q_quantizer=None):
     """``layers.attention.softmax_attend`` on a shard (no cache): halo or all-gathered keys."""
     q = apply_rope(q, ctx.cos, ctx.sin)
     k = apply_rope(k, ctx.cos, ctx.sin)
     if kv_quantizer is not None:
         k, v = kv_quantizer(k, v)
+    if q_quantizer is not None:
+        q = q_quantizer(q)
     run.record(layer, k=k, v=v)
     D = k.shape[-1]
     kv = torch.cat([k, v.to(k.dtype)], -1)
@@ -361,7 +363,7 @@ def _softmax_attend(run: _Run, layer: int, q, k, v, ctx, window, sink_kv, kv_qua
 def _attend(run: _Run, mod: SoftmaxAttention, original, q, k, v, ctx, cache=None, sink_kv=None):
     if run.sink_pass or cache is not None:
         return original(q, k, v, ctx, cache, sink_kv)
-    return _softmax_attend(run, mod.layer_idx, q, k, v, ctx, mod.window, sink_kv, mod.kv_quantizer)
+    return _softmax_attend(run, mod.layer_idx, q, k, v, ctx, mod.window, sink_kv, mod.kv_quantizer, mod.q_quantizer)
 
 
 def _branches(run: _Run, mod: ParallelHybrid, original, x, ctx, cache=None, sink_kv=None):
@@ -372,7 +374,7 @@ def _branches(run: _Run, mod: ParallelHybrid, original, x, ctx, cache=None, sink
     lq, lk, lv = mod.linear_inputs(x, zq, zk, v)
     o_lin = mod.gla.linear_attention(x, lq, lk, lv, ctx, None)  # the replaced method
     o_soft = _softmax_attend(run, mod.layer_idx, zq.transpose(1, 2), zk.transpose(1, 2), v.transpose(1, 2),
-                             ctx, mod.window, sink_kv, mod.kv_quantizer).transpose(1, 2)
+                             ctx, mod.window, sink_kv, mod.kv_quantizer, mod.q_quantizer).transpose(1, 2)
     return o_lin, mod.attn_norm(o_soft)
 
 

@@ -13,11 +13,19 @@ from spikingbrain.spiking.quant import (
     quantize_per_vector,
     quantize_weight,
 )
-from spikingbrain.spiking.spikify import calibrate, set_spiking, spikify, spiking_layers, unspikify
+from spikingbrain.spiking.spikify import (
+    SpikingScheme,
+    apply_scheme,
+    calibrate,
+    set_spiking,
+    spikify,
+    spiking_layers,
+    unspikify,
+)
 
 __all__ = [
-    "SCHEMES", "EventResult", "Int8KVQuantizer", "SpikeMonitor", "SpikingLinear", "adaptive_spikes",
-    "calibrate", "decode", "dense_matmul", "dequantize_weight", "encode", "energy_estimate",
+    "SCHEMES", "EventResult", "Int8KVQuantizer", "SpikeMonitor", "SpikingLinear", "SpikingScheme",
+    "adaptive_spikes", "apply_scheme", "calibrate", "decode", "dense_matmul", "dequantize_weight", "encode", "energy_estimate",
     "event_matmul", "fake_quantize_per_vector", "integrate_and_fire", "quantize_per_vector",
     "quantize_weight", "round_half_up", "set_spiking", "spike_events", "spikify", "spiking_layers",
     "threshold", "time_steps", "unspikify",

@@ -23,7 +23,9 @@ Two modes:
 adapter ``D = s * B A`` trains spike-aware, as the weight it will be merged into.
 
 ``spike_inputs=False`` feeds ``x`` unchanged (W8A16: isolates the weight-quantization error);
-``weight_bits=None`` keeps float weights (isolates the spiking error).
+``weight_bits=None`` keeps float weights (isolates the spiking error). ``neuron="w8aspike"`` codes
+inputs the way the released W8ASpike code does (``spiking/w8aspike.py``: ``torch.round``, threshold
+in fp32); its integer codes may then be int16 (their weights are not clamped to 127).
 """
 from __future__ import annotations
 
@@ -31,18 +33,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spikingbrain.errors import SpikingBrainError
+from spikingbrain.spiking import w8aspike
 from spikingbrain.spiking.neuron import adaptive_spikes
 from spikingbrain.spiking.quant import dequantize_weight, fake_quantize_weight, quantize_weight
+
+
+NEURONS = ("adaptive", "w8aspike")
 
 
 class SpikingLinear(nn.Module):
     def __init__(
         self, linear: nn.Linear, k: float = 3.0, weight_bits: int | None = 8, group_size: int = 128,
-        clip: int | None = None, ste: bool = False, keep_original: bool = True,
+        clip: int | None = None, ste: bool = False, keep_original: bool = True, neuron: str = "adaptive",
     ) -> None:
         super().__init__()
+        if neuron not in NEURONS:
+            raise SpikingBrainError(f"neuron must be one of {NEURONS}, got {neuron!r}")
+        if ste and neuron != "adaptive":
+            raise SpikingBrainError("spike-aware training (ste=True) uses the adaptive neuron")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.k, self.clip, self.ste = float(k), clip, bool(ste)
+        self.k, self.clip, self.ste, self.neuron = float(k), clip, bool(ste), neuron
         self.weight_bits, self.group_size = weight_bits, int(group_size)
         self.spike_inputs = True
         self._original = (linear,) if keep_original else None  # a tuple: not a registered submodule
@@ -80,7 +91,10 @@ class SpikingLinear(nn.Module):
         return dequantize_weight(self.qweight, self.scales, self.group_size, dtype)
 
     def spikes(self, x: torch.Tensor):
-        """``(s_int, V_th)`` for input ``x [..., in]`` with this layer's ``k`` and ``clip``."""
+        """``(s_int, V_th)`` for input ``x [..., in]`` with this layer's ``k``, ``clip`` and neuron."""
+        if self.neuron == "w8aspike":
+            s, v_th = w8aspike.spikes(x, self.k)
+            return (s if self.clip is None else s.clamp(-self.clip, self.clip)), v_th
         return adaptive_spikes(x, self.k, self.clip)
 
     def forward(self, x: torch.Tensor, weight_delta: torch.Tensor | None = None) -> torch.Tensor:
@@ -117,5 +131,5 @@ class SpikingLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, "
             f"weight_bits={self.weight_bits}, group_size={self.group_size}, clip={self.clip}, "
-            f"ste={self.ste}, spike_inputs={self.spike_inputs}"
+            f"ste={self.ste}, spike_inputs={self.spike_inputs}, neuron={self.neuron}"
         )

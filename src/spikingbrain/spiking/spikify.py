@@ -16,16 +16,28 @@ error ``||(W_q(alpha) * scale(alpha) - W) X^T||^2`` per output row. Each row the
 ``alpha`` with the smallest error (``alpha = 1`` is a candidate, so calibration never increases
 the error on the calibration data). Without calibration the scales are plain absmax (from the
 weights alone).
+
+Saving: a spikified SpikingBrain model (``ste=False``) records its scheme in
+``config.spiking`` (``SpikingScheme.to_dict()``), so ``save_pretrained`` writes the integer
+weights and scales and ``from_pretrained`` rebuilds the same structure (``apply_scheme``) and
+loads them: the model comes back in its quantized form, bit for bit.
+
+The released W8ASpike checkpoint's scheme (``spiking/w8aspike.py``) is
+``spikify(model, neuron="w8aspike", spike_query=True, exclude=("down_proj",))``: their rounding,
+their KV quantizer, the window-attention query spike-coded after RoPE, and ``down_proj`` left in
+float and unspiked as their forward does. This package's own default spikes ``down_proj`` too.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
 
 from spikingbrain.errors import SpikingBrainError
-from spikingbrain.spiking.linear import SpikingLinear
+from spikingbrain.spiking import w8aspike
+from spikingbrain.spiking.linear import NEURONS, SpikingLinear
 from spikingbrain.spiking.quant import Int8KVQuantizer, dequantize_weight, quantize_weight
 
 CLIP_RATIOS = (1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.825, 0.8)
@@ -38,6 +50,58 @@ def _blocks(model: nn.Module) -> nn.Module:
     if layers is None:
         raise SpikingBrainError("spikify expects a causal LM with decoder blocks at model.model.layers")
     return layers
+
+
+@dataclass
+class SpikingScheme:
+    """What ``spikify`` did to a model: enough to rebuild the structure its state dict fills."""
+
+    k: float = 3.0
+    weight_bits: int | None = 8
+    group_size: int = 128
+    clip: int | None = None
+    kv_bits: int | None = 8
+    exclude: tuple[str, ...] = ()
+    neuron: str = "adaptive"
+    spike_query: bool = False
+    spike_inputs: bool = True
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["exclude"] = list(self.exclude)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SpikingScheme":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise SpikingBrainError(f"config.spiking has unknown fields {unknown}; known: {sorted(known)}")
+        d = dict(d)
+        d["exclude"] = tuple(d.get("exclude", ()))
+        return cls(**d)
+
+
+def _record(model: nn.Module, scheme: SpikingScheme | None) -> None:
+    from spikingbrain.config import SpikingBrainConfig
+
+    config = getattr(model, "config", None)
+    if isinstance(config, SpikingBrainConfig):
+        config.spiking = scheme.to_dict() if scheme is not None else None
+
+
+def apply_scheme(model: nn.Module, scheme: "SpikingScheme | dict") -> nn.Module:
+    """Rebuild a recorded spiking structure on a float (or meta-device) model, without
+    calibration and without keeping the float layers: the loader then fills its integer weights
+    and scales from the checkpoint."""
+    if isinstance(scheme, dict):
+        scheme = SpikingScheme.from_dict(scheme)
+    spikify(model, k=scheme.k, weight_bits=scheme.weight_bits, group_size=scheme.group_size, clip=scheme.clip,
+            kv_bits=scheme.kv_bits, exclude=scheme.exclude, keep_original=False, neuron=scheme.neuron,
+            spike_query=scheme.spike_query)
+    if not scheme.spike_inputs:
+        set_spiking(model, spike_inputs=False)
+    return model
 
 
 def spiking_layers(model: nn.Module) -> dict[str, SpikingLinear]:
@@ -57,6 +121,8 @@ def spikify(
     exclude: Iterable[str] = (),
     tokenizer=None,
     keep_original: bool = True,
+    neuron: str = "adaptive",
+    spike_query: bool = False,
 ) -> nn.Module:
     """Spike-code ``model`` in place and return it.
 
@@ -71,9 +137,16 @@ def spikify(
     ``spikify(..., ste=False)`` on the same float weights without ``calibration`` (which is
     skipped here: it changes the integer weights, not the float ones); ``unspikify`` hands back
     plain ``nn.Linear`` layers holding the trained weights.
+
+    ``neuron="w8aspike"`` and ``spike_query=True`` select the released W8ASpike arithmetic (see
+    the module doc); with that neuron the KV quantizer is theirs too (``kv_bits`` must be 8).
     """
     if not k > 0:
         raise SpikingBrainError(f"k must be > 0, got {k}")
+    if neuron not in NEURONS:
+        raise SpikingBrainError(f"neuron must be one of {NEURONS}, got {neuron!r}")
+    if neuron == "w8aspike" and kv_bits not in (None, 8):
+        raise SpikingBrainError("the w8aspike neuron comes with their 8-bit KV quantizer: kv_bits must be 8 or None")
     if spiking_layers(model):
         raise SpikingBrainError("model is already spikified; use set_spiking() to change k, or unspikify() first")
     excluded = set(exclude)
@@ -85,13 +158,17 @@ def spikify(
         if type(child) is nn.Linear and child_name not in excluded
     ]
     for parent, name, lin in targets:
-        setattr(parent, name, SpikingLinear(lin, k, weight_bits, group_size, clip, ste, keep_original))
-    if kv_bits is not None:
-        for m in layers.modules():
-            if hasattr(m, "kv_quantizer"):
-                m.kv_quantizer = Int8KVQuantizer(kv_bits)
+        setattr(parent, name, SpikingLinear(lin, k, weight_bits, group_size, clip, ste, keep_original, neuron))
+    for m in layers.modules():
+        if kv_bits is not None and hasattr(m, "kv_quantizer"):
+            m.kv_quantizer = w8aspike.KVQuantizer() if neuron == "w8aspike" else Int8KVQuantizer(kv_bits)
+        if spike_query and hasattr(m, "q_quantizer"):
+            m.q_quantizer = w8aspike.QuerySpiker(k, neuron)
     if calibration is not None and weight_bits is not None and not ste:
         calibrate(model, calibration, tokenizer)
+    if not ste:
+        _record(model, SpikingScheme(float(k), weight_bits, int(group_size), clip, kv_bits,
+                                     tuple(sorted(excluded)), neuron, bool(spike_query)))
     return model
 
 
@@ -102,8 +179,11 @@ def unspikify(model: nn.Module) -> nn.Module:
         for name, child in list(m.named_children()):
             if isinstance(child, SpikingLinear):
                 setattr(m, name, child.to_linear())
-        if hasattr(m, "kv_quantizer") and isinstance(m.kv_quantizer, Int8KVQuantizer):
+        if hasattr(m, "kv_quantizer") and isinstance(m.kv_quantizer, (Int8KVQuantizer, w8aspike.KVQuantizer)):
             m.kv_quantizer = None
+        if isinstance(getattr(m, "q_quantizer", None), w8aspike.QuerySpiker):
+            m.q_quantizer = None
+    _record(model, None)
     return model
 
 
@@ -121,6 +201,14 @@ def set_spiking(model: nn.Module, k: float | None = None, clip=..., spike_inputs
             m.clip = clip
         if spike_inputs is not None:
             m.spike_inputs = bool(spike_inputs)
+    if k is not None:
+        for m in _blocks(model).modules():
+            if isinstance(getattr(m, "q_quantizer", None), w8aspike.QuerySpiker):
+                m.q_quantizer.k = float(k)
+    spiking = getattr(getattr(model, "config", None), "spiking", None)
+    if isinstance(spiking, dict):  # keep the saved record in step with the layers
+        first = next(iter(mods.values()))
+        spiking.update(k=first.k, clip=first.clip, spike_inputs=first.spike_inputs)
     return model
 
 
