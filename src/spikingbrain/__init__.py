@@ -2,12 +2,14 @@
 pretrained Transformers.
 
 Importing the package registers ``SpikingBrainConfig`` / ``SpikingBrainForCausalLM`` with
-transformers' Auto classes (no ``trust_remote_code`` needed).
+transformers' Auto classes (no ``trust_remote_code`` needed), for this package's checkpoints and
+for the released SpikingBrain-7B ones (``model_type: "gla_swa"``, ``convert/official.py``).
 """
 from spikingbrain.cache import SpikingBrainCache
 from spikingbrain.config import PRESETS, SpikingBrainConfig, count_parameters
 from spikingbrain.errors import SpikingBrainError
 from spikingbrain.modeling import SpikingBrainForCausalLM, SpikingBrainModel
+from spikingbrain.convert import official as _official  # noqa: E402,F401  (the released gla_swa format)
 
 __version__ = "0.1.0"
 

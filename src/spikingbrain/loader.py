@@ -283,7 +283,7 @@ def produce(files: CheckpointFiles, src: Source, dtype: torch.dtype | None, mode
 
 
 def stream_into(model: nn.Module, chosen: dict[str, Source], files: CheckpointFiles, dtype: torch.dtype,
-                dtype_for: Callable[[str], torch.dtype | None] | None = None,
+                dtype_for: Callable[[str, torch.dtype], torch.dtype | None] | None = None,
                 on_module: Callable[[str, nn.Module], nn.Module | None] | None = None,
                 progress: bool = False) -> None:
     targets = _targets(model)
@@ -295,7 +295,8 @@ def stream_into(model: nn.Module, chosen: dict[str, Source], files: CheckpointFi
     for owner in order:
         for name in by_owner[owner]:
             module, attr, meta = targets[name]
-            want = (dtype_for(name) if dtype_for else None) or _target_dtype(module, attr, meta, dtype)
+            stored = files.dtype(chosen[name].names[0])
+            want = (dtype_for(name, stored) if dtype_for else None) or _target_dtype(module, attr, meta, dtype)
             t = produce(files, chosen[name], want, dtype)
             if tuple(t.shape) != tuple(meta.shape):
                 raise SpikingBrainError(f"{name}: made a tensor of shape {list(t.shape)}, expected {list(meta.shape)}")
@@ -376,7 +377,8 @@ def load_pretrained(path, *, dtype=None, config=None, fuse: bool = False, option
     ``dtype``: a torch dtype, a name, or ``None``/``"auto"`` for the checkpoint's own.
     ``options``: format options (``gla_swa``: ``window_convention``, ``down_proj``).
     ``fuse``: fuse q/k/v and gate/up for inference (such a model cannot be saved).
-    ``dtype_for(name)`` / ``on_module(name, module)``: hooks of the streaming int8 path."""
+    ``dtype_for(name, stored_dtype)`` / ``on_module(name, module)``: hooks of the streaming int8
+    path (a dtype for one tensor instead of ``dtype``; a replacement for a module just loaded)."""
     path = Path(path)
     if not path.is_dir():
         raise SpikingBrainError(f"{path}: not a model directory")

@@ -16,6 +16,16 @@ def register(sub) -> None:
                    help="calibrate GLA output norms on N sequences of the shipped text (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory")
+    o = p.add_argument_group("released SpikingBrain-7B checkpoints (gla_swa)")
+    o.add_argument("--from-official", metavar="DIR", default=None,
+                   help="write this released checkpoint (base, SFT or W8ASpike) as a native SpikingBrain "
+                        "directory instead of converting a teacher (streamed: memory ~ one 2 GiB shard)")
+    o.add_argument("--window-convention", choices=["flash-attn", "sdpa"], default="flash-attn",
+                   help="flash-attn: W + 1 keys, what the model was trained with (default); sdpa: W keys")
+    o.add_argument("--down-proj", choices=["float", "spiking"], default="float",
+                   help="W8ASpike: down_proj in float as their forward runs it (default), or spiked too")
+    o.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="weights' dtype in the output (auto: the checkpoint's)")
     p.set_defaults(func=_convert)
 
     d = sub.add_parser("demo", help="the main job: convert the default teacher, distil briefly, compare, save",
@@ -48,6 +58,8 @@ def _convert(args: argparse.Namespace) -> int:
     from spikingbrain.demo import sample_sequences, save_model, shipped_ids
     from spikingbrain.errors import SpikingBrainError
 
+    if args.from_official:
+        return _convert_official(args)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not (out / "config.json").exists():
         raise SpikingBrainError(f"{out} exists and is not a model directory; choose an empty or new --out")
@@ -63,6 +75,18 @@ def _convert(args: argparse.Namespace) -> int:
     types = student.config.layer_types
     summary = ", ".join(f"{t} x{types.count(t)}" for t in dict.fromkeys(types))
     print(f"wrote {out}: {c['total']:,} parameters ({c['active']:,} active); layers: {summary}")
+    return 0
+
+
+def _convert_official(args: argparse.Namespace) -> int:
+    from spikingbrain.convert.official import convert_official
+
+    out = convert_official(args.from_official, args.out, dtype=args.dtype,
+                           window_convention=args.window_convention, down_proj=args.down_proj)
+    cfg = __import__("json").loads((out / "config.json").read_text())
+    kind = "W8ASpike (spiking INT8)" if cfg.get("spiking") else "float"
+    print(f"wrote {out}: {kind}, {cfg['num_hidden_layers']} layers, sliding window {cfg['sliding_window']} keys "
+          f"({cfg['window_convention']} convention)")
     return 0
 
 

@@ -39,38 +39,94 @@ class Int8Linear(nn.Module):
         return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
 
+def int8_linear(linear: nn.Linear) -> tuple[nn.Module, str]:
+    """An int8 version of one linear: ``(module, "dynamic")`` through torch's dynamic quantization
+    (exactly what ``quantize_dynamic`` builds), or ``(Int8Linear, "weight-only")`` where that is
+    missing. The linear's own parameters are left untouched (they may be tied elsewhere)."""
+    fp32 = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+    fp32.weight = nn.Parameter(linear.weight.detach().float(), requires_grad=False)
+    if linear.bias is not None:
+        fp32.bias = nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+    try:
+        from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+        from torch.ao.quantization import default_dynamic_qconfig
+
+        fp32.qconfig = default_dynamic_qconfig
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return DynamicLinear.from_float(fp32), "dynamic"
+    except Exception:  # removed or unsupported on this build/CPU: our own weight-only path
+        return Int8Linear(fp32), "weight-only"
+
+
 def quantize_int8(model: nn.Module, head: bool = True) -> tuple[nn.Module, str]:
     """Replace the linears by int8 ones, in place (the LM head too unless ``head=False``).
     Returns ``(model, method)`` with method ``"dynamic"`` (torch dynamic quantization) or
     ``"weight-only"`` (``Int8Linear``)."""
     model = model.float().eval()  # dynamic quantization needs fp32 activations
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = {name for name, m in model.named_modules()
-             if isinstance(m, nn.Linear) and (head or m is not out_emb)}
+    names = [name for name, m in model.named_modules()
+             if type(m) is nn.Linear and (head or m is not out_emb)]
     if not names:
         raise SpikingBrainError("the model has no nn.Linear layers to quantize")
-    try:
-        from torch.ao.quantization import quantize_dynamic
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quantize_dynamic(model, qconfig_spec=names, dtype=torch.qint8, inplace=True)
-        return model, "dynamic"
-    except Exception:  # removed or unsupported on this build/CPU: our own weight-only path
-        pass
+    method = "dynamic"
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Int8Linear(getattr(parent, child)))
-    return model, "weight-only"
+        q, m = int8_linear(getattr(parent, child))
+        setattr(parent, child, q)
+        if m != "dynamic":
+            method = m
+    return model, method
+
+
+class Fp32Embedding(nn.Module):
+    """An embedding table kept in its stored dtype (bf16 for the released checkpoints) whose
+    lookups come out in fp32: the int8 path's activations are fp32, and a lookup reads one row,
+    so the table need not be widened (that would cost 2 GB for a 7B's vocabulary)."""
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.weight = embedding.weight
+        self.padding_idx = embedding.padding_idx
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, self.weight, self.padding_idx).float()
+
+
+def streaming_int8_hooks(head: bool = True):
+    """``(dtype_for, on_module)`` for ``loader.load_pretrained``: every linear is quantized as
+    soon as its weights are in (so one float linear exists at a time), the embedding table keeps
+    its stored precision. Same result as loading in fp32 and calling ``quantize_int8``, except
+    for that table's dtype (lookups are exact either way)."""
+
+    def dtype_for(name: str, stored: torch.dtype):
+        if name == "model.embed_tokens.weight" and stored in (torch.bfloat16, torch.float16):
+            return stored
+        return None
+
+    def on_module(name: str, module: nn.Module):
+        if type(module) is nn.Linear and (head or name != "lm_head"):
+            return int8_linear(module)[0]
+        if name == "model.embed_tokens" and module.weight.dtype != torch.float32:
+            return Fp32Embedding(module)
+        return None
+
+    return dtype_for, on_module
 
 
 def cast_dtype(model: nn.Module, dtype: str) -> nn.Module:
     if dtype not in DTYPES:
         raise SpikingBrainError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if dtype == "bf16" and not _cpu_bf16_ok():
-        warnings.warn("this CPU has no native bf16 matmul (AVX512-BF16/AMX); bf16 saves memory but may be slower than fp32")
+    if dtype == "bf16":
+        warn_if_slow_bf16()
     return model.to(DTYPES[dtype])
+
+
+def warn_if_slow_bf16() -> None:
+    if not _cpu_bf16_ok():
+        warnings.warn("this CPU has no native bf16 matmul (AVX512-BF16/AMX); bf16 saves memory but may be slower than fp32")
 
 
 def _cpu_bf16_ok() -> bool:

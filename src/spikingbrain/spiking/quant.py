@@ -64,8 +64,9 @@ def quantize_weight(w: torch.Tensor, bits: int = 8, group_size: int = 128, alpha
 
 
 def dequantize_weight(q: torch.Tensor, scales: torch.Tensor, group_size: int = 128, dtype=torch.float32) -> torch.Tensor:
-    """``W_q * scale`` -> ``[out, in]`` in ``dtype``."""
-    return (q.to(torch.float32) * expand_scales(scales, q.shape[1], group_size)).to(dtype)
+    """``W_q * scale`` -> ``[out, in]`` in ``dtype`` (the product in fp32, or fp64 for fp64)."""
+    ct = torch.promote_types(dtype, torch.float32)
+    return (q.to(ct) * expand_scales(scales, q.shape[1], group_size).to(ct)).to(dtype)
 
 
 def straight_through(exact: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
