@@ -283,7 +283,7 @@ def produce(files: CheckpointFiles, src: Source, dtype: torch.dtype | None, mode
 
 
 def stream_into(model: nn.Module, chosen: dict[str, Source], files: CheckpointFiles, dtype: torch.dtype,
-                dtype_for: Callable[[str, torch.dtype], torch.dtype | None] | None = None,
+                dtype_for: Callable[[str, nn.Module, torch.dtype], torch.dtype | None] | None = None,
                 on_module: Callable[[str, nn.Module], nn.Module | None] | None = None,
                 progress: bool = False) -> None:
     targets = _targets(model)
@@ -296,7 +296,7 @@ def stream_into(model: nn.Module, chosen: dict[str, Source], files: CheckpointFi
         for name in by_owner[owner]:
             module, attr, meta = targets[name]
             stored = files.dtype(chosen[name].names[0])
-            want = (dtype_for(name, stored) if dtype_for else None) or _target_dtype(module, attr, meta, dtype)
+            want = (dtype_for(name, module, stored) if dtype_for else None) or _target_dtype(module, attr, meta, dtype)
             t = produce(files, chosen[name], want, dtype)
             if tuple(t.shape) != tuple(meta.shape):
                 raise SpikingBrainError(f"{name}: made a tensor of shape {list(t.shape)}, expected {list(meta.shape)}")
@@ -306,12 +306,15 @@ def stream_into(model: nn.Module, chosen: dict[str, Source], files: CheckpointFi
                 module._parameters[attr] = nn.Parameter(t, requires_grad=meta.requires_grad and t.is_floating_point())
             else:
                 module._buffers[attr] = t
+        for name in by_owner[owner]:
+            del targets[name]  # holds the module: a replaced module's float weights must be freed now
         if on_module is not None:
             mod = model.get_submodule(owner) if owner else model
             new = on_module(owner, mod)
             if new is not None and new is not mod:
                 parent, _, child = owner.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, child, new)
+            del mod, new
         bar.update(1)
     bar.close()
 
@@ -377,8 +380,8 @@ def load_pretrained(path, *, dtype=None, config=None, fuse: bool = False, option
     ``dtype``: a torch dtype, a name, or ``None``/``"auto"`` for the checkpoint's own.
     ``options``: format options (``gla_swa``: ``window_convention``, ``down_proj``).
     ``fuse``: fuse q/k/v and gate/up for inference (such a model cannot be saved).
-    ``dtype_for(name, stored_dtype)`` / ``on_module(name, module)``: hooks of the streaming int8
-    path (a dtype for one tensor instead of ``dtype``; a replacement for a module just loaded)."""
+    ``dtype_for(name, module, stored_dtype)`` / ``on_module(name, module)``: hooks of the streaming
+    int8 path (a dtype for one tensor instead of ``dtype``; a replacement for a module just loaded)."""
     path = Path(path)
     if not path.is_dir():
         raise SpikingBrainError(f"{path}: not a model directory")

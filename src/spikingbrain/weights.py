@@ -15,6 +15,7 @@ the model keeps resident, not the file. ``CheckpointFiles`` gathers a directory'
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
 from pathlib import Path
@@ -32,6 +33,7 @@ MAX_HEADER = 100 << 20  # the format's own limit
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 _PAGE = mmap.PAGESIZE
+CHUNK = 64 << 20  # bytes copied (and released) at a time
 
 
 class SafetensorsFile:
@@ -109,26 +111,30 @@ class SafetensorsFile:
 
     def read(self, name: str, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Tensor ``name`` as a new tensor owning its memory (in ``dtype`` if given), or copied
-        into ``out`` (any dtype, same number of elements)."""
+        into ``out`` (any dtype, same number of elements). Copied ``CHUNK`` bytes at a time, each
+        chunk's pages released right after, so the file adds at most one chunk to the resident set."""
         src_dtype, shape, begin, end = self.entries[name]
-        start = self.data_start + begin
-        mm = self._mapped()
+        if out is None:
+            out = torch.empty(shape, dtype=dtype or src_dtype)
+        elif out.numel() != math.prod(shape):
+            raise SpikingBrainError(f"{self.path}: tensor {name!r} has {math.prod(shape)} elements, not {out.numel()}")
         if end == begin:
-            view = torch.empty(shape, dtype=src_dtype)
-        elif start % _itemsize(src_dtype):
-            # misaligned for the element type: go through an aligned byte copy
-            view = torch.frombuffer(bytearray(mm[start:self.data_start + end]), dtype=src_dtype).view(shape)
-        else:
-            view = torch.frombuffer(mm, dtype=src_dtype, count=(end - begin) // _itemsize(src_dtype),
-                                    offset=start).view(shape)
-        if out is not None:
-            out.copy_(view.view(out.shape))
-            result = out
-        else:
-            result = view.to(dtype or src_dtype, copy=True)
-        del view
-        self._release(start, end - begin)
-        return result
+            return out
+        item = _itemsize(src_dtype)
+        flat = out.view(-1)
+        mm = self._mapped()
+        step = max(item, CHUNK - CHUNK % item)
+        for lo in range(0, end - begin, step):
+            n = min(step, end - begin - lo)
+            start = self.data_start + begin + lo
+            if start % item:  # misaligned for the element type: through an aligned byte copy
+                part = torch.frombuffer(bytearray(mm[start:start + n]), dtype=src_dtype)
+            else:
+                part = torch.frombuffer(mm, dtype=src_dtype, count=n // item, offset=start)
+            flat[lo // item:(lo + n) // item].copy_(part)
+            del part
+            self._release(start, n)
+        return out
 
     def _release(self, start: int, length: int) -> None:
         """Drop the pages of ``[start, start + length)`` from this process (they stay in the page

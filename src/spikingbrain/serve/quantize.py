@@ -39,23 +39,50 @@ class Int8Linear(nn.Module):
         return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
 
-def int8_linear(linear: nn.Linear) -> tuple[nn.Module, str]:
-    """An int8 version of one linear: ``(module, "dynamic")`` through torch's dynamic quantization
-    (exactly what ``quantize_dynamic`` builds), or ``(Int8Linear, "weight-only")`` where that is
-    missing. The linear's own parameters are left untouched (they may be tied elsewhere)."""
-    fp32 = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-    fp32.weight = nn.Parameter(linear.weight.detach().float(), requires_grad=False)
-    if linear.bias is not None:
-        fp32.bias = nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+def int8_linear(linear: nn.Linear, chunk_rows: int = 2048, consume: bool = False) -> tuple[nn.Module, str]:
+    """An int8 version of one linear: ``(module, "dynamic")``, exactly what torch's
+    ``quantize_dynamic`` builds from the fp32 weight (its default weight observer: one symmetric
+    scale per tensor), or ``(Int8Linear, "weight-only")`` where dynamic quantization is missing.
+
+    The weight may be bf16/fp16 (the streaming loader keeps it in its stored precision): it is
+    observed and quantized ``chunk_rows`` rows at a time, so no fp32 copy of the whole matrix is
+    made (a 7B's LM head would need 2.2 GB for it). The linear itself is left untouched (its weight
+    may be tied to the embeddings) unless ``consume``: then its weight is dropped as soon as the
+    integer codes exist, before torch packs them (one copy fewer at the peak)."""
+    w, bias = linear.weight.detach(), None if linear.bias is None else linear.bias.detach().float()
     try:
         from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+        from torch.ao.nn.quantized.modules.utils import _clamp_weights
         from torch.ao.quantization import default_dynamic_qconfig
 
-        fp32.qconfig = default_dynamic_qconfig
+        observer = default_dynamic_qconfig.weight()
+        if observer.qscheme not in (torch.per_tensor_symmetric, torch.per_tensor_affine):
+            raise NotImplementedError(observer.qscheme)
+        rows = range(0, w.shape[0], chunk_rows)
+        for r in rows:
+            observer(w[r:r + chunk_rows].float())
+        scale, zero_point = observer.calculate_qparams()
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return DynamicLinear.from_float(fp32), "dynamic"
+            warnings.simplefilter("ignore")  # quantized tensor creation is deprecated (still the engine's path)
+            qweight = torch._empty_affine_quantized(tuple(w.shape), scale=float(scale),
+                                                    zero_point=int(zero_point), dtype=torch.qint8)
+            for r in rows:
+                qweight[r:r + chunk_rows].copy_(torch.quantize_per_tensor(
+                    w[r:r + chunk_rows].float(), float(scale), int(zero_point), torch.qint8))
+            if consume:
+                del w
+                linear.weight = None
+            qweight = _clamp_weights(qweight, observer, scale, zero_point)
+            # built at 1 x 1 and given its weight: the full-size constructor packs a dummy weight
+            out = DynamicLinear(1, 1, dtype=torch.qint8)
+            out.set_weight_bias(qweight, bias)
+        out.in_features, out.out_features = linear.in_features, linear.out_features
+        return out, "dynamic"
     except Exception:  # removed or unsupported on this build/CPU: our own weight-only path
+        fp32 = nn.Linear(linear.in_features, linear.out_features, bias=bias is not None, device="meta")
+        fp32.weight = nn.Parameter(linear.weight.detach().float(), requires_grad=False)
+        if bias is not None:
+            fp32.bias = nn.Parameter(bias, requires_grad=False)
         return Int8Linear(fp32), "weight-only"
 
 
@@ -101,14 +128,16 @@ def streaming_int8_hooks(head: bool = True):
     its stored precision. Same result as loading in fp32 and calling ``quantize_int8``, except
     for that table's dtype (lookups are exact either way)."""
 
-    def dtype_for(name: str, stored: torch.dtype):
-        if name == "model.embed_tokens.weight" and stored in (torch.bfloat16, torch.float16):
+    def dtype_for(name: str, module: nn.Module, stored: torch.dtype):
+        # the table and the linears' weights stay in their stored half precision until quantized
+        half = stored in (torch.bfloat16, torch.float16)
+        if half and name.endswith(".weight") and (name == "model.embed_tokens.weight" or type(module) is nn.Linear):
             return stored
         return None
 
     def on_module(name: str, module: nn.Module):
         if type(module) is nn.Linear and (head or name != "lm_head"):
-            return int8_linear(module)[0]
+            return int8_linear(module, consume=True)[0]
         if name == "model.embed_tokens" and module.weight.dtype != torch.float32:
             return Fp32Embedding(module)
         return None
