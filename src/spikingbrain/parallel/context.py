@@ -546,13 +546,13 @@ def context_parallel_prefill(model, input_ids: torch.Tensor, *, attention_mask=N
     on every rank and the ``SpikingBrainCache`` of the whole prompt on group rank
     ``cache_rank`` (None: on every rank), equal to what ``model(input_ids, use_cache=True)``
     leaves on one process; generation then continues on that rank with
-    ``model(next_ids, past_key_values=out.cache)`` or ``model.generate``.
+    ``model(next_ids, cache=out.cache)`` or ``model.generate``.
 
     From ``torchrun`` (``dist.init_process_group`` done)::
 
         out = context_parallel_prefill(model, ids)
         if dist.get_rank() == 0:
-            gen = model.generate(ids, past_key_values=out.cache, max_new_tokens=64)
+            gen = model.generate(ids, cache=out.cache, max_new_tokens=64)
     """
     was = _unwrap(model).training
     _unwrap(model).eval()
