@@ -82,6 +82,8 @@ def wait_up(base: str, proc: subprocess.Popen, log: Path, timeout: float) -> flo
 def prompts(tokenizer_dir: str, n: int, length: int) -> list[list[int]]:
     from transformers import AutoTokenizer
 
+    import spikingbrain  # noqa: F401  (registers the config type the tokenizer loader reads)
+
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     texts = [json.loads(line)["text"] for line in (ROOT / "src/spikingbrain/data/valid.jsonl").read_text().splitlines()]
     out = []
