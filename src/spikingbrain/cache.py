@@ -1,9 +1,39 @@
 """Decode state of a SpikingBrain model: constant size per layer except full attention.
 
 - ``gla`` layers keep the recurrent state ``[B, H, K, V]`` (fp32).
-- ``swa`` layers keep a ring buffer of the last ``w`` keys/values ``[B, Hkv, w, D]``.
+- ``swa`` layers keep a ring buffer of ``w`` key/value slots ``[B, Hkv, w, D]``.
 - ``full`` layers keep growing keys/values.
 - hybrids keep both of their branches' states; sink-token keys/values are stored once per layer.
+
+Semantics (what makes cached decoding equal one full forward for any attention mask; the dense
+reference ``tests/dense_reference.py`` states the same rules independently):
+
+- **Real tokens and padding.** A token is real where ``attention_mask`` is 1. Padding (left,
+  right, or holes anywhere) does not exist for the model: it never enters any state, never
+  moves a ring, never advances a position, and its own outputs are unspecified.
+- **Positions.** Per row, ``next_pos`` is the position of the last real token fed plus one (0
+  before any). Without ``position_ids`` the real tokens of a chunk get ``next_pos, next_pos + 1,
+  ...``; given ``position_ids`` are used as they are (the value at padding is ignored).
+- **Documents.** A real token whose position is not greater than the previous real token's of
+  the same row (in this chunk or, for the chunk's first real token, ``next_pos - 1`` from the
+  cache) starts a new document. Nothing crosses a document boundary, whether it falls inside a
+  chunk or exactly between two chunks: the GLA state restarts from zero, and every key/value the
+  row had cached is dropped (marked invalid). So a row's state only ever holds its current
+  document.
+- **Sliding window.** Query at position ``p`` sees the keys of its document at positions
+  ``p - w < q <= p`` (``w = sliding_window`` keys, itself included), plus the sink tokens.
+- **Ring buffer** (``KVState`` with ``window=w``): the key/value of a real token at position
+  ``p`` goes to slot ``p % w``; nothing else is written. Inside a document positions strictly
+  increase, so the keys any later query can see (positions ``> p_last - w``) sit in distinct
+  slots, and a key that a new token overwrites (position ``<= p - w``, or of a dropped document)
+  is outside every later window. Each slot carries its key's position and a valid flag; reading
+  the ring means masking by valid, document (the ring holds one) and the window over positions
+  (``valid & (pos <= p) & (pos > p - w)``), which also covers position ids with gaps. A chunk
+  writes, of the real tokens of its row's last document, those at positions
+  ``> p_last - w`` (at most ``w``, distinct slots); the earlier ones only served the chunk's own
+  queries.
+- ``stream_len`` counts every token fed, padding included (what ``generate()`` calls the
+  sequence length); it plays no part in where keys go.
 
 Why not transformers' ``DynamicSlidingWindowLayer`` / ``LinearAttentionLayer``: those keep one
 length for the whole batch. We keep, per row, the position of every cached key and whether it is
