@@ -108,6 +108,17 @@ class LinearState(_Layer):
         return out
 
 
+def ring_entries(pos: torch.Tensor, keep: torch.Tensor | None, window: int) -> torch.Tensor:
+    """``[B, T]`` bool: the tokens of a chunk (positions ``pos``, ``keep`` as in
+    ``KVState.append``) that a ring of ``window`` slots stores: the kept ones at positions
+    ``> p_last - window``, ``p_last`` the row's last kept position. Only they can be seen by a
+    later query, and they have distinct slots ``pos % window``."""
+    if keep is None:
+        keep = torch.ones_like(pos, dtype=torch.bool)
+    p_last = torch.where(keep, pos, torch.iinfo(pos.dtype).min).amax(1, keepdim=True)
+    return keep & (pos > p_last - window)
+
+
 class KVState(_Layer):
     """Keys/values with per-row positions and validity (the rules: module docstring).
 
@@ -157,11 +168,7 @@ class KVState(_Layer):
                 "k": k.new_zeros(B, Hkv, D, w), "v": v.new_zeros(B, Hkv, w, D),
                 "pos": pos.new_zeros(B, w), "valid": torch.zeros(B, w, dtype=torch.bool, device=k.device),
             })
-        store = keep
-        if T > 1:  # only positions > p_last - w can be seen again; they have distinct slots
-            kept = keep if keep is not None else torch.ones(B, T, dtype=torch.bool, device=k.device)
-            p_last = torch.where(kept, pos, torch.iinfo(pos.dtype).min).amax(1, keepdim=True)
-            store = kept & (pos > p_last - w)
+        store = keep if T == 1 else ring_entries(pos, keep, w)
         slots = pos % w
         if store is None or bool(store.all()):  # every token to its slot (a decode step)
             idx = slots[:, None, :, None].expand(B, Hkv, T, D)

@@ -65,7 +65,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from spikingbrain.cache import SpikingBrainCache
+from spikingbrain.cache import SpikingBrainCache, ring_entries
 from spikingbrain.errors import SpikingBrainError
 from spikingbrain.layers.attention import SoftmaxAttention
 from spikingbrain.layers.context import document_starts
@@ -530,10 +530,8 @@ def _build_cache(lm, run: _Run) -> SpikingBrainCache:
             lc.linear.set_state(rec["state"])
         if lc.kv is not None:
             lo = 0
-            if lc.kv.window is not None:  # the ring keeps positions > p_last - w of those (cache.py)
-                w, pos = lc.kv.window, meta.positions
-                p_last = torch.where(keep, pos, torch.iinfo(pos.dtype).min).amax(1, keepdim=True)
-                stored = keep & (pos > p_last - w)
+            if lc.kv.window is not None:  # gather from the first token the ring stores on
+                stored = ring_entries(meta.positions, keep, lc.kv.window)
                 first = torch.where(stored.any(1), stored.int().argmax(1), T)
                 lo = min(int(first.min()), T - 1)
             k, v = rec["k"], rec["v"]
