@@ -46,3 +46,14 @@ def test_unservable_configs_are_refused_clearly(change, message):
     kw.update(change)
     with pytest.raises(SpikingBrainConfigError, match=message):
         SpikingBrainVllmConfig(**kw)
+
+
+def test_engine_refuses_the_76b_layout_with_the_reason(tmp_path):
+    """Through vLLM's own config loading (before any engine starts): the message reaches the user."""
+    from vllm import LLM
+
+    cfg = json.loads((TINY / "config.json").read_text())
+    cfg.update(layer_types=["gla+swa", "gla+full", "gla+swa", "gla+full"], num_sink_tokens=4)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(Exception, match="76B layout"):
+        LLM(str(tmp_path), dtype="float32", enforce_eager=True)
