@@ -1,6 +1,6 @@
 """Shared fixtures of the plugin's tests (run in the plugin's own environment: plugins/vllm/ci.sh).
 
-One vLLM engine per model for the whole session: starting one costs tens of seconds on 2 cores.
+One vLLM engine per test module: starting one costs tens of seconds on 2 cores.
 """
 from __future__ import annotations
 
@@ -27,13 +27,22 @@ def reference():
     return ref, n
 
 
-@pytest.fixture(scope="session")
+def start_llm(model, **kw):
+    from vllm import LLM
+
+    return LLM(str(model), **{**ENGINE_KW, **kw})
+
+
+def stop_llm(engine) -> None:
+    """Shut the engine down before the next module starts its own (one at a time in memory)."""
+    engine.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="module")
 def llm():
     """The tiny native checkpoint. Prefix caching is asked for and must be switched off by the
     plugin; at most 32 tokens per step, so the 70-token prompt is prefilled in three chunks
     (the GLA state carried between them) while other requests decode."""
-    from vllm import LLM
-
-    engine = LLM(str(TINY), enable_prefix_caching=True, max_num_batched_tokens=32, **ENGINE_KW)
+    engine = start_llm(TINY, enable_prefix_caching=True, max_num_batched_tokens=32)
     yield engine
-    del engine
+    stop_llm(engine)

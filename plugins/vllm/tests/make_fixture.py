@@ -11,7 +11,8 @@ tokens trained on the shipped text) and ``reference.safetensors``:
 ``prompt_<i>`` the prompt ids; ``logprobs_<i>`` log-softmax of the logits at every prompt position
 [T, V] with the checkpoint's window (8 keys); ``logprobs_w9_<i>`` the same with a 9-key window
 (what an off-by-one in the window convention would give); ``greedy_<i>`` 16 greedily generated
-tokens (main package, its own decode cache); ``greedy_logprobs_<i>`` their log-probabilities.
+tokens (main package, its own decode cache); ``greedy_logprobs_<i>`` their log-probabilities;
+``logprobs_full_<i>`` prompt log-softmax with the last layer as full attention (``FULL_LAYOUT``).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ WINDOW = 8
 PROMPT_LENGTHS = [1, 5, 8, 9, 23, 70]  # 1 token; shorter than, equal to, one past the window; > a 64-token chunk
 NEW_TOKENS = 16
 MIN_GAP = 0.02
+FULL_LAYOUT = ("gla", "swa", "gla", "full")  # same weights, last layer full causal attention
 
 
 def make_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
@@ -45,12 +47,12 @@ def make_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
 
-def tiny_config(vocab_size: int, window: int) -> SpikingBrainConfig:
+def tiny_config(vocab_size: int, window: int, layer_types=("gla", "swa", "gla", "swa")) -> SpikingBrainConfig:
     return SpikingBrainConfig(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
         num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
         rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        attention_bias=True, tie_word_embeddings=False, layer_types=["gla", "swa", "gla", "swa"],
+        attention_bias=True, tie_word_embeddings=False, layer_types=list(layer_types),
         sliding_window=window, initializer_range=0.15, bos_token_id=0, eos_token_id=0, pad_token_id=None,
     )
 
@@ -93,6 +95,8 @@ def main() -> None:
 
     wide = SpikingBrainForCausalLM(tiny_config(len(tok), WINDOW + 1)).eval()
     wide.load_state_dict(model.state_dict())
+    full = SpikingBrainForCausalLM(tiny_config(len(tok), WINDOW, FULL_LAYOUT)).eval()
+    full.load_state_dict(model.state_dict())
     rng = random.Random(0)
     ref = {}
     for i, n in enumerate(PROMPT_LENGTHS):
@@ -110,6 +114,7 @@ def main() -> None:
         ref[f"logprobs_w9_{i}"] = prompt_logprobs(wide, ids)
         ref[f"greedy_{i}"] = torch.tensor(toks)
         ref[f"greedy_logprobs_{i}"] = torch.tensor(lps)
+        ref[f"logprobs_full_{i}"] = prompt_logprobs(full, ids)
         print(f"prompt {i}: {n} tokens, greedy {toks[:6]}..., smallest greedy gap {gap:.4f}")
     save_file({k: v.contiguous() for k, v in ref.items()}, str(OUT / "reference.safetensors"),
               metadata={"window": str(WINDOW), "new_tokens": str(NEW_TOKENS)})
