@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from spikingbrain import SpikingBrainCache, SpikingBrainError, SpikingBrainForCausalLM
+from spikingbrain.hf_compat import CACHE_KWARG
 from testutils import assert_close_rel, tiny_model
 
 TOL = 1e-5  # fp32 logits; measured rms ratio <= 3e-7 (max abs ratio <= 7e-7)
@@ -201,6 +202,39 @@ def test_generate_equals_greedy_without_cache(name, sinks):
     no_cache = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, use_cache=False)
     assert torch.equal(no_cache, out[:, :18])
 
+
+@torch.no_grad()
+def test_generate_feeds_one_token_at_a_time_through_the_cache(monkeypatch):
+    """The installed transformers' generation contract (``cache`` from 5.24, ``past_key_values``
+    before): after the prompt, every step must hand the model our cache and one new token.
+    A model that misses the cache's name generates correct-looking text from scratch each step."""
+    model = model_for("7b")
+    seen = []
+    forward = SpikingBrainForCausalLM.forward
+
+    def spy(self, input_ids=None, **kw):
+        state = kw.get("cache", kw.get("past_key_values"))
+        seen.append((None if input_ids is None else input_ids.shape[1], type(state).__name__,
+                     0 if state is None else state.get_seq_length()))
+        return forward(self, input_ids=input_ids, **kw)
+
+    monkeypatch.setattr(SpikingBrainForCausalLM, "forward", spy)
+    model.generate(ids_of(1, 7, seed=3), max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert seen[0] == (7, "SpikingBrainCache", 0)
+    assert seen[1:] == [(1, "SpikingBrainCache", 7 + i) for i in range(4)]
+
+
+def test_model_accepts_either_name_for_the_decode_state():
+    model = model_for("7b")
+    ids = ids_of(1, 6, seed=4)
+    with torch.no_grad():
+        a = model(ids[:, :5], cache=model.new_cache(), use_cache=True)
+        b = model(ids[:, :5], past_key_values=model.new_cache(), use_cache=True)
+        la = model(ids[:, 5:], cache=getattr(a, CACHE_KWARG), use_cache=True).logits
+        lb = model(ids[:, 5:], past_key_values=getattr(b, CACHE_KWARG), use_cache=True).logits
+    assert torch.equal(la, lb)
+    with pytest.raises(SpikingBrainError, match="not both"):
+        model(ids, cache=model.new_cache(), past_key_values=model.new_cache())
 
 @pytest.mark.parametrize("name,sinks", [("7b", 0), ("full", 0), ("gla+full", 4)])
 @torch.no_grad()

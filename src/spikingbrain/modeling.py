@@ -19,8 +19,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from spikingbrain.cache import SpikingBrainCache
 from spikingbrain.config import SpikingBrainConfig
 from spikingbrain.errors import SpikingBrainError
+from spikingbrain.hf_compat import CACHE_KWARG
 from spikingbrain.layers.attention import SoftmaxAttention
-from spikingbrain.layers.context import MixerContext
+from spikingbrain.layers.context import MixerContext, document_starts
 from spikingbrain.layers.gla import GatedLinearAttention
 from spikingbrain.layers.hybrid import ParallelHybrid
 from spikingbrain.layers.mlp import SwiGLU
@@ -184,8 +185,10 @@ class SpikingBrainModel(SpikingBrainPreTrainedModel):
         past_key_values: SpikingBrainCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        cache: SpikingBrainCache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        past_key_values = _one_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise SpikingBrainError("pass exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
@@ -222,23 +225,22 @@ class SpikingBrainModel(SpikingBrainPreTrainedModel):
             valid = attention_mask[:, -T:].bool()
             if bool(valid.all()):
                 valid = None
-        ones = torch.ones(B, T, dtype=torch.bool, device=device)
+        real = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=device)
 
+        # Positions and packed-document starts (the rules: cache.py's docstring)
         reset = seg = None
         if position_ids is not None:
             if position_ids.shape != (B, T):
                 position_ids = position_ids.expand(B, T) if position_ids.shape[-1] == T else None
                 if position_ids is None:
                     raise SpikingBrainError(f"position_ids must be [batch, seq_len] = [{B}, {T}]")
-            if T > 1:  # packed documents: a position that does not increase starts a new one
-                r = torch.zeros(B, T, dtype=torch.bool, device=device)
-                r[:, 1:] = position_ids[:, 1:] <= position_ids[:, :-1]
-                if bool(r.any()):
-                    reset, seg = r, r.long().cumsum(1)
-            if cache is not None:
-                cache.positions_for(B, ones if valid is None else valid, device)
+            position_ids = position_ids.to(device=device, dtype=torch.long)
+            last = cache.last_positions(B, device) if cache is not None else None
+            reset = document_starts(position_ids, valid, last)
+            if reset is not None:
+                seg = reset.long().cumsum(1)
         elif cache is not None:
-            position_ids = cache.positions_for(B, ones if valid is None else valid, device)
+            position_ids = cache.positions_for(B, real, device)
         elif valid is not None:
             position_ids = valid.long().cumsum(1) - valid.long()
         else:
@@ -246,8 +248,7 @@ class SpikingBrainModel(SpikingBrainPreTrainedModel):
 
         cos, sin = self.rotary_emb(inputs_embeds, position_ids)
         ctx = MixerContext(
-            positions=position_ids, cos=cos, sin=sin, valid=valid, reset=reset, seg=seg,
-            stream_index=cache.stream_len if cache is not None else None, gla_mode=self.gla_mode,
+            positions=position_ids, cos=cos, sin=sin, valid=valid, reset=reset, seg=seg, gla_mode=self.gla_mode,
         )
         sink_kv = self._sink_kv(cache)
         h = inputs_embeds
@@ -258,9 +259,9 @@ class SpikingBrainModel(SpikingBrainPreTrainedModel):
             else:
                 h = layer(h, ctx, lc, sink_kv[i])
         if cache is not None:
-            cache.advance(ones if valid is None else valid)
+            cache.advance(position_ids, real)
         h = self.norm(h)
-        return BaseModelOutputWithPast(last_hidden_state=h, past_key_values=cache if use_cache else None)
+        return BaseModelOutputWithPast(last_hidden_state=h, **{CACHE_KWARG: cache if use_cache else None})
 
     def _sink_kv(self, cache):
         if self.sink_tokens is None:
@@ -328,8 +329,10 @@ class SpikingBrainForCausalLM(SpikingBrainPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: SpikingBrainCache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        past_key_values = _one_cache(cache, past_key_values)
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
@@ -347,16 +350,21 @@ class SpikingBrainForCausalLM(SpikingBrainPreTrainedModel, GenerationMixin):
                 aux = self.aux_loss()
                 if aux is not None:
                     loss = loss + aux
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KWARG: getattr(out, CACHE_KWARG)})
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
                                       inputs_embeds=None, use_cache=True, next_sequence_length=None,
-                                      **kwargs):
-        """Feed only the tokens the cache has not seen yet; positions come from the cache."""
+                                      cache=None, **kwargs):
+        """Feed only the tokens the cache has not seen yet; positions come from the cache.
+
+        ``generate()`` hands the decode state over as ``cache`` (transformers >= 5.24) or
+        ``past_key_values`` (5.23); we return it under the name the installed version reads
+        back from ``model_inputs``, or generation would silently run without a cache."""
+        past_key_values = _one_cache(cache, past_key_values)
         if past_key_values is None and use_cache:
             past_key_values = self.new_cache()
         seen = past_key_values.get_seq_length() if past_key_values is not None else 0
-        model_inputs = {"past_key_values": past_key_values, "use_cache": use_cache,
+        model_inputs = {CACHE_KWARG: past_key_values, "use_cache": use_cache,
                         "attention_mask": attention_mask}
         if inputs_embeds is not None and seen == 0:
             model_inputs["inputs_embeds"] = inputs_embeds
@@ -369,6 +377,13 @@ class SpikingBrainForCausalLM(SpikingBrainPreTrainedModel, GenerationMixin):
         if "logits_to_keep" in kwargs and kwargs["logits_to_keep"] is not None:
             model_inputs["logits_to_keep"] = kwargs["logits_to_keep"]
         return model_inputs
+
+
+def _one_cache(cache, past_key_values):
+    """The decode state passed under either name (``cache`` is transformers 5.24's)."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise SpikingBrainError("pass the decode state once, as cache= or past_key_values=, not both")
+    return cache if cache is not None else past_key_values
 
 
 AutoConfig.register("spikingbrain", SpikingBrainConfig, exist_ok=True)

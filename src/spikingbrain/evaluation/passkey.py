@@ -24,6 +24,7 @@ from spikingbrain.errors import SpikingBrainError
 from spikingbrain.evaluation.report import markdown_table
 from spikingbrain.evaluation.streaming import check_ids, evaluating, model_device, prefill
 from spikingbrain.evaluation.texts import shipped_texts
+from spikingbrain.hf_compat import cache_kwargs
 
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
          "Find it and memorize it. I will quiz you about the important information there.\n\n")
@@ -186,7 +187,7 @@ def greedy_continuation(model, tokenizer, input_ids: list[int], max_new_tokens: 
                   attention_mask=torch.ones_like(ids).to(device))
     with evaluating(model):
         if prefill_chunk and ids.shape[1] > prefill_chunk:
-            kwargs["past_key_values"] = prefill(model, ids[:, :-1], prefill_chunk)
+            kwargs.update(cache_kwargs(prefill(model, ids[:, :-1], prefill_chunk)))
         out = model.generate(ids.to(device), **kwargs)
     return tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
 

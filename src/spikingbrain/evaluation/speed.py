@@ -13,6 +13,7 @@ import statistics
 import time
 
 import torch
+from spikingbrain.hf_compat import cache_kwargs, output_cache
 
 
 def fill_teacher_cache(model, L: int):
@@ -36,7 +37,7 @@ def fill_spikingbrain_cache(model, L: int):
     of random keys/values at positions ``L-w .. L-1`` (slot ``n % w`` holds token ``n``)."""
     dev = next(model.parameters()).device
     cache = model.new_cache()
-    model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=dev), past_key_values=cache, use_cache=True)
+    model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=dev), use_cache=True, **cache_kwargs(cache))
     for lc in cache.layers:
         if lc.linear is not None and lc.linear.state is not None:
             lc.linear.set_state(torch.randn_like(lc.linear.state) * 0.1)
@@ -71,8 +72,8 @@ def time_decode(model, cache, tokens: int, warmup: int) -> float:
     times = []
     for i in range(warmup + tokens):
         t0 = time.perf_counter()
-        out = model(input_ids=tok, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=tok, use_cache=True, **cache_kwargs(cache))
+        cache = output_cache(out)
         tok = out.logits[:, -1:].argmax(-1)
         sync()
         if i >= warmup:

@@ -1,5 +1,5 @@
 """Running any Hugging Face causal LM over long token streams: fixed windows, or chunked
-prefill through the model's own cache (``past_key_values`` from one chunk passed to the next)."""
+prefill through the model's own cache (the decode state of one chunk passed to the next)."""
 from __future__ import annotations
 
 import contextlib
@@ -8,6 +8,7 @@ import inspect
 import torch
 
 from spikingbrain.errors import SpikingBrainError
+from spikingbrain.hf_compat import cache_kwargs, output_cache
 
 
 def model_device(model) -> torch.device:
@@ -67,14 +68,14 @@ def check_ids(model, ids: torch.Tensor) -> None:
         )
 
 
-def forward_logits(model, input_ids: torch.Tensor, past_key_values=None, use_cache: bool = False):
-    """``input_ids [B, T]`` -> ``(logits [B, T, V] float32, past_key_values)``."""
+def forward_logits(model, input_ids: torch.Tensor, cache=None, use_cache: bool = False):
+    """``input_ids [B, T]`` -> ``(logits [B, T, V] float32, cache)``."""
     kwargs = {"use_cache": use_cache}
-    if past_key_values is not None:
-        kwargs["past_key_values"] = past_key_values
+    if cache is not None:
+        kwargs.update(cache_kwargs(cache))
     out = model(input_ids, **kwargs)
     logits = out.logits if hasattr(out, "logits") else out[0]
-    return logits.float(), getattr(out, "past_key_values", None)
+    return logits.float(), output_cache(out)
 
 
 def stream_logits(model, ids: torch.Tensor, chunk_size: int):
@@ -94,7 +95,7 @@ def stream_logits(model, ids: torch.Tensor, chunk_size: int):
         logits, cache = forward_logits(model, ids[None, start:end].to(device), cache, use_cache=True)
         if cache is None:
             raise SpikingBrainError(
-                f"{type(model).__name__} returned no past_key_values with use_cache=True: "
+                f"{type(model).__name__} returned no decode state (cache) with use_cache=True: "
                 "it cannot stream long text through a cache"
             )
         yield start, end, logits
@@ -111,9 +112,9 @@ def prefill(model, ids: torch.Tensor, chunk_size: int):
     keep = "logits_to_keep" in inspect.signature(model.forward).parameters
     cache = None
     for start in range(0, ids.shape[1], chunk_size):
-        kwargs = {"use_cache": True, "past_key_values": cache}
+        kwargs = {"use_cache": True, **cache_kwargs(cache)}
         if keep:
             kwargs["logits_to_keep"] = 1
         out = model(ids[:, start:start + chunk_size].to(device), **kwargs)
-        cache = out.past_key_values
+        cache = output_cache(out)
     return cache

@@ -41,6 +41,7 @@ def _job(opts: dict) -> dict:
     """Runs on every rank (the process group is up)."""
     import torch
 
+    from spikingbrain.hf_compat import output_cache
     from spikingbrain.parallel import CommStats, context_parallel_prefill, group_rank_world
 
     rank, world = group_rank_world()
@@ -67,7 +68,7 @@ def _job(opts: dict) -> dict:
             ref = model(ids, use_cache=True, logits_to_keep=1)
             res["single_prefill_s"] = time.perf_counter() - t1
         res["max_logit_diff"] = float((ref.logits[:, -1] - out.last_logits).abs().max())
-        res["same_continuation"] = _greedy(model, ref.past_key_values, ref.logits[:, -1],
+        res["same_continuation"] = _greedy(model, output_cache(ref), ref.logits[:, -1],
                                            opts["max_new_tokens"]) == gen
     return res
 
@@ -75,12 +76,14 @@ def _job(opts: dict) -> dict:
 def _greedy(model, cache, logits, n: int) -> list[int]:
     import torch
 
+    from spikingbrain.hf_compat import cache_kwargs
+
     out = []
     with torch.no_grad():
         for _ in range(n):
             nxt = logits.argmax(-1, keepdim=True)
             out.append(int(nxt[0, 0]))
-            logits = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(nxt, use_cache=True, **cache_kwargs(cache)).logits[:, -1]
     return out
 
 

@@ -17,6 +17,7 @@ step row by row: simple and exactly equal to running each request alone.
 from __future__ import annotations
 
 import torch
+from spikingbrain.hf_compat import cache_kwargs, output_cache
 
 
 class _Adapter:
@@ -40,9 +41,9 @@ class SpikingBrainAdapter(_Adapter):
 
     @torch.inference_mode()
     def extend(self, state, ids: torch.Tensor):
-        out = self.model(input_ids=ids.view(1, -1).to(self.device), past_key_values=state,
-                         use_cache=True, logits_to_keep=1)
-        return out.logits[0, -1].float(), out.past_key_values
+        out = self.model(input_ids=ids.view(1, -1).to(self.device), use_cache=True, logits_to_keep=1,
+                         **cache_kwargs(state))
+        return out.logits[0, -1].float(), output_cache(out)
 
     def cat(self, states: list):
         from spikingbrain.cache import SpikingBrainCache
@@ -54,8 +55,8 @@ class SpikingBrainAdapter(_Adapter):
 
     @torch.inference_mode()
     def step(self, state, tokens: torch.Tensor):
-        out = self.model(input_ids=tokens.view(-1, 1).to(self.device), past_key_values=state, use_cache=True)
-        return out.logits[:, -1].float(), out.past_key_values
+        out = self.model(input_ids=tokens.view(-1, 1).to(self.device), use_cache=True, **cache_kwargs(state))
+        return out.logits[:, -1].float(), output_cache(out)
 
     def nbytes(self, state) -> int:
         return int(state.nbytes()) if state is not None else 0
@@ -75,9 +76,9 @@ class PerRowAdapter(_Adapter):
     @torch.inference_mode()
     def extend(self, state, ids: torch.Tensor):
         (cache,) = state
-        out = self.model(input_ids=ids.view(1, -1).to(self.device), past_key_values=cache,
-                         use_cache=True, logits_to_keep=1)
-        return out.logits[0, -1].float(), [out.past_key_values]
+        out = self.model(input_ids=ids.view(1, -1).to(self.device), use_cache=True, logits_to_keep=1,
+                         **cache_kwargs(cache))
+        return out.logits[0, -1].float(), [output_cache(out)]
 
     def cat(self, states: list):
         return [c for s in states for c in s]
@@ -89,10 +90,10 @@ class PerRowAdapter(_Adapter):
     def step(self, state, tokens: torch.Tensor):
         logits, caches = [], []
         for cache, tok in zip(state, tokens.view(-1).tolist()):
-            out = self.model(input_ids=torch.tensor([[tok]], device=self.device), past_key_values=cache,
-                             use_cache=True)
+            out = self.model(input_ids=torch.tensor([[tok]], device=self.device), use_cache=True,
+                             **cache_kwargs(cache))
             logits.append(out.logits[0, -1].float())
-            caches.append(out.past_key_values)
+            caches.append(output_cache(out))
         return torch.stack(logits), caches
 
     def nbytes(self, state) -> int:
