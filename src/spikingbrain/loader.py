@@ -314,9 +314,33 @@ def stream_into(model: nn.Module, chosen: dict[str, Source], files: CheckpointFi
             if new is not None and new is not mod:
                 parent, _, child = owner.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, child, new)
-            del mod, new
+                del mod, new
+                _trim_heap()
+            else:
+                del mod, new
         bar.update(1)
     bar.close()
+
+
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc's ``malloc_trim``). Quantizing a 7B linear by
+    linear frees tens of MB of temporaries between long-lived allocations each time; without this,
+    glibc keeps the holes and the resident set grew ~70 MB per layer (2 GB over a 7B's 28 layers,
+    measured with benchmarks/official_7b.py)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def _progress(total: int, enabled: bool, desc: str):
