@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ORDER = ["prefill", "decode", "memory", "train", "moe", "context_parallel", "spiking", "serve_throughput"]
+ORDER = ["prefill", "decode", "memory", "train", "moe", "context_parallel", "spiking", "serve_throughput", "official_7b"]
 TITLES = {
     "prefill": "Prefill time vs prompt length",
     "decode": "Decode speed vs context",
@@ -26,10 +26,12 @@ TITLES = {
     "context_parallel": "Context-parallel prefill",
     "spiking": "Spiking sweep: perplexity, sparsity, energy vs k",
     "serve_throughput": "Serving throughput: spikingbrain serve vs vLLM",
+    "official_7b": "The released SpikingBrain-7B on a CPU: load, decode, state memory",
 }
 SCRIPTS = {"prefill": "benchmarks/prefill.py", "decode": "benchmarks/decode.py", "train": "benchmarks/train_throughput.py",
            "moe": "benchmarks/moe.py", "context_parallel": "benchmarks/context_parallel.py",
-           "spiking": "benchmarks/spiking_sweep.py", "serve_throughput": "benchmarks/serve_throughput.py"}
+           "spiking": "benchmarks/spiking_sweep.py", "serve_throughput": "benchmarks/serve_throughput.py",
+           "official_7b": "benchmarks/official_7b.py"}
 NAME_ALIASES = {"context_parallel_prefill": "context_parallel", "train_throughput": "train", "spiking_sweep": "spiking"}
 
 
@@ -329,8 +331,33 @@ def _serve_throughput(v: View, d: dict) -> None:
         v.summary.append(f"{r['concurrency']} concurrent: {r['ratio']} = {ratio(r['value'])}")
 
 
+def _official_7b(v: View, d: dict) -> None:
+    rows = d["rows"]
+    ctx = sorted({int(k) for r in rows for k in r["decode_ms"]})
+    v.tables.append(Table(
+        ["load", "load s", "peak RSS (load)", "model tensors", "peak / model"]
+        + [f"decode ms/token @ {c}" for c in ctx] + [f"{ctx[-1]} / {ctx[0]}"],
+        [[("--int8" if r["mode"] == "int8" else "--dtype bf16"), fmt(r["load_s"]), fmt_bytes(r["load_peak_rss_bytes"]),
+          fmt_bytes(r["model_bytes"]), ratio(r["peak_over_model"])]
+         + [fmt(r["decode_ms"].get(str(c))) for c in ctx] + [ratio(r["decode_last_over_first"])] for r in rows]))
+    st = d.get("state_memory", [])
+    v.tables.append(Table(
+        ["context", "SpikingBrain path", "SpikingBrain decode state", "Qwen2.5-7B KV cache (bf16)", "KV / state"],
+        [[str(r["context"]), r["spikingbrain"], fmt_bytes(r["spikingbrain_state_bytes"]),
+          fmt_bytes(r["qwen25_7b_kv_bytes_bf16"]), ratio(r["kv_over_state"])] for r in st]))
+    t, met = d.get("targets", {}), d.get("targets_met", {})
+    if t:
+        v.summary.append(f"Targets: int8 load peak RSS <= {t['int8_load_peak_rss_bytes_max'] / 1e9:g} GB "
+                         f"({'met' if met.get('int8_load_peak_rss') else 'NOT met'}), decode at {ctx[-1]} within "
+                         f"{(t['decode_32k_over_1k_max'] - 1) * 100:.0f}% of {ctx[0]} "
+                         f"({'met' if met.get('decode_32k_over_1k') else 'NOT met'}).")
+    v.summary.append(f"Checkpoint: {d['checkpoint']['format']}, {fmt_bytes(d['checkpoint']['bytes'])}. "
+                     f"Decode state: {d.get('decode_state', '?')}.")
+
+
 BUILDERS = {"prefill": _prefill, "decode": _decode, "memory": _memory, "train": _train, "moe": _moe,
-            "context_parallel": _context_parallel, "spiking": _spiking, "serve_throughput": _serve_throughput}
+            "context_parallel": _context_parallel, "spiking": _spiking, "serve_throughput": _serve_throughput,
+            "official_7b": _official_7b}
 
 
 # --------------------------------------------------------------------------- plots
