@@ -65,11 +65,10 @@ def gla(
 
 
 def _auto_mode(q: torch.Tensor) -> str:
-    if q.is_cuda:
-        from spikingbrain.ops.gla_fla import fla_available
+    from spikingbrain.ops import gla_fla  # cheap: fla itself is imported only on CUDA
 
-        if fla_available():
-            return "fla"
+    if gla_fla.on_cuda(q) and gla_fla.fla_available():
+        return "fla"
     # A handful of tokens (decoding): the recurrence is cheaper than padding a chunk.
     return "recurrent" if q.shape[1] <= 4 else "chunk"
 
