@@ -83,6 +83,7 @@ def _cases():
         _case("76b-train-w2-T33", "76b", "train", 2, 33),
         _case("76b-train-w4-T45-packed-p2pscan", "76b", "train", 4, 45, pos=_packed_positions(2, 45, [12, 20]),
               scan="p2p"),
+        _case("7b-prefill-w2-T37-dynamic-rope", "7b-dynamic-rope", "prefill", 2, 37),
         # every mixer kind
         _case("mixed-prefill-w2-T35-p2pscan", "mixed", "prefill", 2, 35, scan="p2p"),
         _case("mixed-prefill-w4-T27-padded", "mixed", "prefill", 4, 27, mask=_padding_mask(27, hole=(6, 9))),
