@@ -5,9 +5,9 @@ Importing the package registers ``SpikingBrainConfig`` / ``SpikingBrainForCausal
 transformers' Auto classes (no ``trust_remote_code`` needed).
 """
 from spikingbrain.cache import SpikingBrainCache
-from spikingbrain.config import PRESETS, SpikingBrainConfig, count_parameters
+from spikingbrain.config import PRESETS, SpikingBrainConfig
 from spikingbrain.errors import SpikingBrainError
-from spikingbrain.modeling import SpikingBrainForCausalLM, SpikingBrainModel
+from spikingbrain.modeling import SpikingBrainForCausalLM, SpikingBrainModel, count_parameters
 
 __version__ = "0.1.0"
 
