@@ -1,5 +1,6 @@
 """SpikingBrainCache: constant memory for GLA / SWA layers (the bytes after 4w tokens equal those
-after 2w), growing memory for full attention, and batch surgery (select / cat)."""
+after 2w), growing memory for full attention, batch surgery (select / cat), and the ring's
+semantics (only real tokens, slot = position % w, a new document drops the old one)."""
 import pytest
 import torch
 
@@ -87,3 +88,66 @@ def test_select_and_cat_rows_keep_decoding_exact():
     for j, (seq, row) in enumerate(((b, 1), (a, 0))):
         alone = model(torch.cat([seq, nxt[row:row + 1], nxt[row:row + 1, :1]], 1), use_cache=False).logits[:, -1:]
         assert_close_rel(step[j:j + 1], alone, 1e-5, f"selected row {j}")
+
+
+# ---------------------------------------------------------------------------- ring semantics
+def ring_positions(cache, layer, row):
+    """The positions a ring holds for ``row`` (valid slots), sorted."""
+    _, _, pos, valid = cache.layers[layer].kv.past()
+    return sorted(pos[row][valid[row]].tolist())
+
+
+@torch.no_grad()
+def test_ring_holds_the_last_w_real_tokens_by_position():
+    """Padding never enters the ring (nor moves it): after a prompt with an 8-token hole and a
+    decode step padded in one row, each ring holds exactly the last w real positions, each at
+    slot ``position % w``."""
+    model = tiny_model(["swa"], strong=False)
+    ids = ids_of(2, 30)
+    mask = torch.ones(2, 31, dtype=torch.long)
+    mask[0, 10:18] = 0
+    mask[1, 30] = 0  # row 1's decode step is padding
+    cache = model.new_cache()
+    model(ids, attention_mask=mask[:, :30], past_key_values=cache)
+    model(ids_of(2, 1, seed=1), attention_mask=mask, past_key_values=cache)
+    assert ring_positions(cache, 0, 0) == list(range(23 - W, 23))  # 22 real tokens + 1 decoded
+    assert ring_positions(cache, 0, 1) == list(range(30 - W, 30))
+    _, _, pos, valid = cache.layers[0].kv.past()
+    assert bool(valid.all()) and torch.equal(pos % W, torch.arange(W).expand(2, W))
+    assert cache.next_pos.tolist() == [23, 30] and cache.get_seq_length() == 31
+
+
+@torch.no_grad()
+def test_a_document_starting_at_a_chunk_boundary_drops_the_cached_one():
+    """position_ids restarting exactly where a chunk starts: the new document sees nothing of
+    the old one, so the cache drops its keys and restarts the linear state."""
+    model = tiny_model(["gla", "swa", "full"], strong=False)
+    cache = model.new_cache()
+    model(ids_of(1, 20), past_key_values=cache)
+    model(ids_of(1, 3, seed=1), position_ids=torch.arange(3)[None], past_key_values=cache)
+    assert ring_positions(cache, 1, 0) == [0, 1, 2]
+    assert ring_positions(cache, 2, 0) == [0, 1, 2]  # full attention: earlier keys marked invalid
+    fresh = model.new_cache()
+    model(ids_of(1, 3, seed=1), past_key_values=fresh)
+    assert_close_rel(cache.layers[0].linear.state, fresh.layers[0].linear.state, 1e-6, "GLA state restarted")
+    assert cache.next_pos.tolist() == [3]
+
+
+def test_cat_refuses_states_without_rows():
+    from spikingbrain.cache import KVState, LinearState
+    from spikingbrain.errors import SpikingBrainError
+
+    model = tiny_model(["gla", "swa"], strong=False)
+    fed = model.new_cache()
+    with torch.no_grad():
+        model(ids_of(1, 5), past_key_values=fed)
+    with pytest.raises(SpikingBrainError, match="feed every cache"):
+        SpikingBrainCache.cat([fed, model.new_cache()])
+    with pytest.raises(SpikingBrainError, match="feed every cache"):
+        LinearState.cat([fed.layers[0].linear, LinearState()])
+    with pytest.raises(SpikingBrainError, match="feed every cache"):
+        KVState.cat([KVState(W), fed.layers[1].kv])
+    assert LinearState.cat([LinearState(), LinearState()]).state is None  # nothing to stack: empty
+    with pytest.raises(SpikingBrainError, match="rows"):
+        with torch.no_grad():
+            model(ids_of(2, 1), past_key_values=fed)  # 2 rows into a 1-row state

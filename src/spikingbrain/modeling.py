@@ -21,7 +21,7 @@ from spikingbrain.config import SpikingBrainConfig
 from spikingbrain.errors import SpikingBrainError
 from spikingbrain.hf_compat import CACHE_KWARG
 from spikingbrain.layers.attention import SoftmaxAttention
-from spikingbrain.layers.context import MixerContext
+from spikingbrain.layers.context import MixerContext, document_starts
 from spikingbrain.layers.gla import GatedLinearAttention
 from spikingbrain.layers.hybrid import ParallelHybrid
 from spikingbrain.layers.mlp import SwiGLU
@@ -223,23 +223,22 @@ class SpikingBrainModel(SpikingBrainPreTrainedModel):
             valid = attention_mask[:, -T:].bool()
             if bool(valid.all()):
                 valid = None
-        ones = torch.ones(B, T, dtype=torch.bool, device=device)
+        real = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=device)
 
+        # Positions and packed-document starts (the rules: cache.py's docstring)
         reset = seg = None
         if position_ids is not None:
             if position_ids.shape != (B, T):
                 position_ids = position_ids.expand(B, T) if position_ids.shape[-1] == T else None
                 if position_ids is None:
                     raise SpikingBrainError(f"position_ids must be [batch, seq_len] = [{B}, {T}]")
-            if T > 1:  # packed documents: a position that does not increase starts a new one
-                r = torch.zeros(B, T, dtype=torch.bool, device=device)
-                r[:, 1:] = position_ids[:, 1:] <= position_ids[:, :-1]
-                if bool(r.any()):
-                    reset, seg = r, r.long().cumsum(1)
-            if cache is not None:
-                cache.positions_for(B, ones if valid is None else valid, device)
+            position_ids = position_ids.to(device=device, dtype=torch.long)
+            last = cache.last_positions(B, device) if cache is not None else None
+            reset = document_starts(position_ids, valid, last)
+            if reset is not None:
+                seg = reset.long().cumsum(1)
         elif cache is not None:
-            position_ids = cache.positions_for(B, ones if valid is None else valid, device)
+            position_ids = cache.positions_for(B, real, device)
         elif valid is not None:
             position_ids = valid.long().cumsum(1) - valid.long()
         else:
@@ -247,8 +246,7 @@ class SpikingBrainModel(SpikingBrainPreTrainedModel):
 
         cos, sin = self.rotary_emb(inputs_embeds, position_ids)
         ctx = MixerContext(
-            positions=position_ids, cos=cos, sin=sin, valid=valid, reset=reset, seg=seg,
-            stream_index=cache.stream_len if cache is not None else None, gla_mode=self.gla_mode,
+            positions=position_ids, cos=cos, sin=sin, valid=valid, reset=reset, seg=seg, gla_mode=self.gla_mode,
         )
         sink_kv = self._sink_kv(cache)
         h = inputs_embeds
@@ -259,7 +257,7 @@ class SpikingBrainModel(SpikingBrainPreTrainedModel):
             else:
                 h = layer(h, ctx, lc, sink_kv[i])
         if cache is not None:
-            cache.advance(ones if valid is None else valid)
+            cache.advance(position_ids, real)
         h = self.norm(h)
         return BaseModelOutputWithPast(last_hidden_state=h, **{CACHE_KWARG: cache if use_cache else None})
 

@@ -172,3 +172,40 @@ def test_padding_inside_the_sequence_blocked_equals_dense(block_size):
     for b in range(B):
         assert_close_rel(dense[b][:, valid[b]], ref[b][:, valid[b]], TOL, f"dense row {b}")
         assert_close_rel(o[b][:, valid[b]], ref[b][:, valid[b]], TOL, f"blocked row {b}")
+
+
+@pytest.mark.parametrize("block_size", [5, 7, 16])
+def test_padding_with_documents_blocked_equals_dense(block_size):
+    """Holes in packed documents, padding carrying arbitrary position ids (0 here): a block's
+    first key is found by counting real keys, whatever the documents and the pads' positions."""
+    T, w, B, H, Hkv = 48, 6, 2, 4, 2
+    q, k, v = rand(B, H, T, D, seed=23), rand(B, Hkv, T, D, seed=24), rand(B, Hkv, T, D, seed=25)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[0, 14:23] = False  # a hole longer than the window, inside the second document
+    valid[1, 30:33] = False
+    seg = torch.zeros(B, T, dtype=torch.long)
+    seg[0, 9:] = 1
+    seg[1, 20:] = 1
+    pos = torch.zeros(B, T, dtype=torch.long)
+    for b in range(B):
+        for s in seg[b].unique():
+            where = valid[b] & (seg[b] == s)
+            pos[b, where] = torch.arange(int(where.sum()))
+    o = windowed_attention(q, k, v, q_pos=pos, k_pos=pos, window=w, k_valid=valid, q_seg=seg, k_seg=seg,
+                           block_size=block_size)
+    allowed = ((pos[:, None, :] <= pos[:, :, None]) & (pos[:, None, :] > pos[:, :, None] - w) & valid[:, None, :]
+               & (seg[:, None, :] == seg[:, :, None]) & torch.ones(T, T, dtype=torch.bool).tril())
+    ref = reference(q, k, v, allowed)
+    for b in range(B):
+        assert_close_rel(o[b][:, valid[b]], ref[b][:, valid[b]], TOL, f"row {b}")
+
+
+def test_position_gaps_in_a_short_chunk():
+    """Positions with gaps (explicit position ids): a chunk no longer than the window still
+    masks by position (keys more than ``w - 1`` positions back are out)."""
+    T, w, H = 10, 10, 2
+    q, k, v = rand(1, H, T, D, seed=26), rand(1, H, T, D, seed=27), rand(1, H, T, D, seed=28)
+    pos = torch.tensor([[0, 1, 2, 5, 6, 9, 10, 11, 12, 20]])
+    o = windowed_attention(q, k, v, q_pos=pos, k_pos=pos, window=w)
+    allowed = (pos[:, None, :] <= pos[:, :, None]) & (pos[:, None, :] > pos[:, :, None] - w)
+    assert_close_rel(o, reference(q, k, v, allowed), TOL)

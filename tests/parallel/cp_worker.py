@@ -62,12 +62,19 @@ def cache_tensors(cache) -> dict:
     return {k: v.detach().clone() for k, v in out.items()}
 
 
-def decode_after(model, cache, steps: torch.Tensor) -> torch.Tensor:
-    """Logits of feeding ``steps [B, n]`` one token at a time after the prefill ``cache``."""
+def decode_after(model, cache, steps: torch.Tensor, mask: torch.Tensor | None = None,
+                 pos: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of feeding ``steps [B, n]`` one token at a time after the prefill ``cache``, with
+    this step's column of ``mask`` / ``pos`` (``[B, n]``) when given."""
     outs = []
     with torch.no_grad():
         for t in range(steps.shape[1]):
-            outs.append(model(steps[:, t:t + 1], past_key_values=cache, use_cache=True).logits[:, -1])
+            kw = {}
+            if mask is not None:
+                kw["attention_mask"] = mask[:, t:t + 1]
+            if pos is not None:
+                kw["position_ids"] = pos[:, t:t + 1]
+            outs.append(model(steps[:, t:t + 1], past_key_values=cache, use_cache=True, **kw).logits[:, -1])
     return torch.stack(outs, 1)
 
 
@@ -77,14 +84,17 @@ def run_case(case, state, group) -> dict:
     stats = CommStats()
     if case["kind"] == "prefill":
         model.eval()
+        kw = {"position_ids": case["pos"]} if "pos" in case else {}
         out = context_parallel_prefill(model, case["ids"], attention_mask=case.get("mask"), group=group,
                                        cache_rank=0, logits=case.get("logits", "local"),
-                                       halo=case.get("halo", "auto"), scan=case.get("scan", "auto"), stats=stats)
+                                       halo=case.get("halo", "auto"), scan=case.get("scan", "auto"), stats=stats,
+                                       **kw)
         res = {"start": out.start, "end": out.end, "logits": out.logits, "last_logits": out.last_logits,
                "bytes": stats.by_kind()}
         if g_rank == 0:
             res["cache"] = cache_tensors(out.cache)
-            res["decode"] = decode_after(model, out.cache, case["decode"])
+            res["decode"] = decode_after(model, out.cache, case["decode"], case.get("decode_mask"),
+                                         case.get("decode_pos"))
         return res
     model.train()
     res = context_parallel_loss(model, case["ids"], case["labels"], position_ids=case.get("pos"),

@@ -21,11 +21,14 @@ import pytest
 import torch
 
 from cp_worker import MODELS, cache_tensors, decode_after, make_model
+from dense_reference import reference_logits
+from testutils import assert_close_rel
 from spikingbrain.parallel import shard_bounds
 from spikingbrain.parallel.launch import spawn
 
 HERE = Path(__file__).resolve().parent
 VOCAB = 512
+REF_TOL = 1e-4  # fp32 shards vs the float64 reference; a lost halo key or state is off by > 1e-2
 
 
 def _ids(B, T, seed):
@@ -52,6 +55,35 @@ def _padding_mask(T, hole):
     m[0, hole[0]:hole[1]] = 0
     m[1, -2:] = 0
     return m
+
+
+def _hole_mask(T):
+    """Row 0: left padding and an 8-token hole across the shard boundaries of 2 and 4 ranks;
+    row 1: a prompt ending in 6 padding tokens."""
+    m = torch.ones(2, T, dtype=torch.long)
+    m[0, :3] = 0
+    m[0, T // 2 - 4:T // 2 + 4] = 0
+    m[1, -6:] = 0
+    return m
+
+
+def _packed_case(T, boundary):
+    """Packed documents with padding: row 0 starts a document exactly at token ``boundary`` (a
+    shard boundary) and has a hole whose padding carries position id 1; row 1 starts documents
+    at tokens 7 and ``boundary + 3``."""
+    m = torch.ones(2, T, dtype=torch.long)
+    m[0, 4:7] = 0
+    pos = torch.ones(2, T, dtype=torch.long)
+    real0 = [t for t in range(T) if m[0, t]]
+    p = 0
+    for t in real0:
+        p = 0 if t == boundary else p
+        pos[0, t] = p
+        p += 1
+    starts = (0, 7, boundary + 3)
+    for t in range(T):
+        pos[1, t] = t - max(s for s in starts if s <= t)
+    return dict(mask=m, pos=pos)
 
 
 def _case(name, model, kind, world, T, B=2, seed=0, **extra):
@@ -88,6 +120,15 @@ def _cases():
         _case("mixed-prefill-w2-T35-p2pscan", "mixed", "prefill", 2, 35, scan="p2p"),
         _case("mixed-prefill-w4-T27-padded", "mixed", "prefill", 4, 27, mask=_padding_mask(27, hole=(6, 9))),
         _case("mixed-train-w2-T31", "mixed", "train", 2, 31),
+        # masks the dense reference checks too: holes across shard boundaries, prompts ending in
+        # padding, packed documents (one starting exactly at a shard boundary, one at a decode
+        # step), padding carrying arbitrary position ids, padding while decoding
+        _case("7b-prefill-w4-T44-hole-across-shards", "7b", "prefill", 4, 44, mask=_hole_mask(44),
+              decode=_ids(2, 5, 144), decode_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 0, 0, 1, 1]])),
+        _case("mixed-prefill-w2-T40-packed", "mixed", "prefill", 2, 40, **_packed_case(40, 20), decode=_ids(2, 5, 140),
+              decode_pos=torch.tensor([[28, 29, 30, 31, 32], [0, 1, 2, 3, 4]])),
+        _case("76b-prefill-w4-T41-packed-allgather", "76b", "prefill", 4, 41, **_packed_case(41, 21),
+              halo="allgather", decode_mask=torch.tensor([[1, 0, 1], [1, 1, 1]])),
         _case("mixed-train-w4-T50-packed", "mixed", "train", 4, 50, pos=_packed_positions(2, 50, [9, 25])),
     ]
     pairs = 0
@@ -148,10 +189,30 @@ def _close(a, b, what, atol=2e-5, rtol=2e-4):
 def _reference_prefill(case):
     model = make_model(case["model"]).eval()
     with torch.no_grad():
-        out = model(case["ids"], attention_mask=case.get("mask"), use_cache=True)
+        out = model(case["ids"], attention_mask=case.get("mask"), position_ids=case.get("pos"), use_cache=True)
         cache = cache_tensors(out.past_key_values)
-        decode = decode_after(model, out.past_key_values, case["decode"])
+        decode = decode_after(model, out.past_key_values, case["decode"], case.get("decode_mask"),
+                              case.get("decode_pos"))
     return out.logits, cache, decode
+
+
+def _whole_sequence(case):
+    """Prompt and decoded tokens as one sequence: ids, attention mask and position ids (None
+    when neither part gives any; decoding without position ids continues the last document)."""
+    ids = torch.cat([case["ids"], case["decode"]], 1)
+    B, T = case["ids"].shape
+    n = case["decode"].shape[1]
+    mask = torch.cat([case.get("mask", torch.ones(B, T, dtype=torch.long)),
+                      case.get("decode_mask", torch.ones(B, n, dtype=torch.long))], 1)
+    if "pos" not in case and "decode_pos" not in case:
+        return ids, mask, None
+    pos = case["pos"] if "pos" in case else (mask[:, :T].cumsum(1) - 1).clamp_min(0)
+    dpos = case.get("decode_pos")
+    if dpos is None:
+        real = mask[:, :T].bool()
+        last = torch.stack([pos[b][real[b]][-1] for b in range(B)])
+        dpos = last[:, None] + mask[:, T:].cumsum(1)
+    return ids, mask, torch.cat([pos, dpos], 1)
 
 
 def _reference_train(case):
@@ -193,6 +254,26 @@ def test_prefill_matches_one_process(case, parallel_results):
             _close(got[k], cache[k], f"cache {k}")
     _close(ranks[0]["decode"], decode, "decode logits after the prefill")
     assert sum(r["bytes"].get("gla_state", 0) for r in ranks) > 0  # the sharded path ran
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c["kind"] == "prefill"], ids=lambda c: c["name"])
+def test_prefill_and_decode_match_dense_reference(case, parallel_results):
+    """Not the model against itself: the shards' logits and the decode steps continuing from
+    the assembled cache against ``tests/dense_reference.py`` (real tokens only)."""
+    ranks = parallel_results[case["name"]]
+    ids, mask, pos = _whole_sequence(case)
+    ref = reference_logits(make_model(case["model"]), ids, mask, pos).float()
+    real = mask.bool()
+    T = case["ids"].shape[1]
+    for r in ranks:
+        s, e = r["start"], r["end"]
+        if r["logits"] is not None:
+            assert_close_rel(r["logits"][real[:, s:e]], ref[:, s:e][real[:, s:e]], REF_TOL, f"shard {s}:{e}")
+        if r["last_logits"] is not None:
+            rows = real[:, T - 1]
+            assert_close_rel(r["last_logits"][rows], ref[rows, T - 1], REF_TOL, "last-token logits")
+    dec = real[:, T:]
+    assert_close_rel(ranks[0]["decode"][dec], ref[:, T:][dec], REF_TOL, "decode steps after the prefill")
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c["kind"] == "train"], ids=lambda c: c["name"])

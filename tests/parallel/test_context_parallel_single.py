@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from cp_worker import MODELS, cache_tensors, make_model
+from dense_reference import reference_logits
 from spikingbrain.errors import SpikingBrainError
 from spikingbrain.parallel import (context_parallel_forward, context_parallel_loss, context_parallel_prefill,
                                    shard_bounds, shard_targets)
 from spikingbrain.parallel.comm import CommStats
 from spikingbrain.parallel.context import _Run, sequence_metadata
+from testutils import assert_close_rel
 
 
 def _close(a, b, what):
@@ -62,6 +64,31 @@ def test_group_of_one_prefill_equals_model(key):
         _close(a[k].float(), b[k].float(), f"cache {k}")
     last = context_parallel_prefill(model, ids, attention_mask=mask).last_logits
     _close(last, ref.logits[:, -1], "last logits")
+
+
+@pytest.mark.parametrize("key", list(MODELS))
+@torch.no_grad()
+def test_group_of_one_prefill_and_decode_equal_dense_reference(key):
+    """The sharded path's prefill (holes, right padding, a packed document starting at the last
+    token of the prompt) and decoding on from its cache (a padded step, then a new document)
+    against ``tests/dense_reference.py``."""
+    model = make_model(key).eval()
+    T, n = 29, 4
+    ids = torch.randint(0, 512, (2, T + n), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, T + n, dtype=torch.long)
+    mask[:, :T] = _mask()
+    mask[1, T + 1] = 0
+    pos = (mask.cumsum(1) - 1).clamp_min(0)
+    pos[0, T - 1:] = torch.arange(n + 1)  # row 0: a document of the prompt's last token, then on
+    pos[1, T + 2:] = torch.arange(n - 2)  # row 1: a new document two steps into decoding
+    out = context_parallel_prefill(model, ids[:, :T], attention_mask=mask[:, :T], position_ids=pos[:, :T],
+                                   logits="local")
+    steps = [model(ids[:, t:t + 1], attention_mask=mask[:, t:t + 1], position_ids=pos[:, t:t + 1],
+                   past_key_values=out.cache).logits for t in range(T, T + n)]
+    got = torch.cat([out.logits] + steps, 1)
+    ref = reference_logits(model, ids, mask, pos).float()
+    real = mask.bool()
+    assert_close_rel(got[real], ref[real], 2e-5, key)
 
 
 @pytest.mark.parametrize("key", list(MODELS))

@@ -57,7 +57,8 @@ def softmax_attend(q, k, v, ctx: MixerContext, window, cache=None, sink_kv=None,
     """RoPE, INT8-KV hook, cache update and (windowed) attention.
 
     ``q [B, H, T, D]``, ``k, v [B, Hkv, T, D]`` (before RoPE); ``cache``: a ``KVState`` or None.
-    Returns ``[B, H, T, D]``.
+    Returns ``[B, H, T, D]``. The cache holds only the current document of each row (the rules:
+    ``spikingbrain/cache.py``), so its keys get document 0, the chunk's first document.
     """
     q = apply_rope(q, ctx.cos, ctx.sin)
     k = apply_rope(k, ctx.cos, ctx.sin)
@@ -69,7 +70,7 @@ def softmax_attend(q, k, v, ctx: MixerContext, window, cache=None, sink_kv=None,
     q_seg = k_seg = ctx.seg
     past = cache.past() if cache is not None else None
     if (past is not None and T == 1 and window is not None and cache.window == window
-            and sink_kv is None and ctx.seg is None):
+            and sink_kv is None and ctx.seg is None and ctx.valid is None):
         return _decode_step_in_ring(q, k, v, ctx, window, cache)
     if past is not None:
         pk, pv, ppos, pvalid = past
@@ -87,19 +88,21 @@ def softmax_attend(q, k, v, ctx: MixerContext, window, cache=None, sink_kv=None,
         q_seg=q_seg, k_seg=k_seg, sink_k=sink_k, sink_v=sink_v,
     )
     if cache is not None:
-        valid = ctx.valid if ctx.valid is not None else torch.ones(B, T, dtype=torch.bool, device=q.device)
-        cache.append(k, v, ctx.positions, valid, ctx.stream_index)
+        keep, new_doc = ctx.valid, None
+        if ctx.seg is not None:  # only the row's last document can be seen again
+            last_doc = ctx.seg == ctx.seg[:, -1:]
+            keep = last_doc if keep is None else keep & last_doc
+            new_doc = ctx.seg[:, -1] > 0
+        cache.append(k, v, ctx.positions, keep, new_doc)
     return o
 
 
 def _decode_step_in_ring(q, k, v, ctx: MixerContext, window: int, cache):
-    """One decode token of a sliding-window layer: write it into the ring buffer first, then
-    attend over the buffer, which then holds exactly the last ``window`` tokens (itself
-    included). Avoids concatenating the past with the new key, a full copy of the window per
-    layer per token."""
-    B = q.shape[0]
-    valid = ctx.valid if ctx.valid is not None else torch.ones(B, 1, dtype=torch.bool, device=q.device)
-    cache.append(k, v, ctx.positions, valid, ctx.stream_index)
+    """One real decode token of a sliding-window layer, continuing its row's document: write
+    it into the ring buffer first (slot ``p % w`` holds nothing this query can see), then attend
+    over the buffer. Avoids concatenating the past with the new key, a full copy of the window
+    per layer per token."""
+    cache.append(k, v, ctx.positions)
     kk, vv, kpos, kvalid = cache.past()
     qpos = ctx.positions  # [B, 1]
     mask = kvalid & (kpos <= qpos) & (kpos > qpos - window)  # [B, w]
@@ -109,11 +112,6 @@ def _decode_step_in_ring(q, k, v, ctx: MixerContext, window: int, cache):
     Hkv = kk.shape[1]
     qr = q.reshape(B, Hkv, H // Hkv, D) * D**-0.5  # head h uses KV head h // (H / Hkv)
     s = torch.matmul(qr.to(kk.dtype), kk.transpose(-1, -2)).float()  # [B, Hkv, H/Hkv, w]
-    full = bool(mask.all())  # the usual case once the ring has filled: nothing to mask
-    if not full:
-        s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
-    o = torch.matmul(torch.softmax(s, -1).to(vv.dtype), vv).reshape(B, H, 1, D).to(q.dtype)
-    if full:
-        return o
-    # a padded row has no visible key: softmax gives NaN there, the general path gives 0
-    return torch.where(mask.any(-1)[:, None, None, None], o, torch.zeros_like(o))
+    if not bool(mask.all()):  # the usual case once the ring has filled: nothing to mask
+        s = s.masked_fill(~mask[:, None, None, :], float("-inf"))  # the query's own key is always seen
+    return torch.matmul(torch.softmax(s, -1).to(vv.dtype), vv).reshape(B, H, 1, D).to(q.dtype)

@@ -41,8 +41,8 @@ def windowed_attention(
     if scale is None:
         scale = D**-0.5
     simple = k_valid is None and q_seg is None and sink_k is None and P == 0
-    if simple and (window is None or T <= window):
-        # Plain causal attention over the chunk itself (positions are consecutive).
+    if simple and (window is None or (T <= window and int((q_pos[:, -1] - q_pos[:, 0]).max()) < window)):
+        # Plain causal attention over the chunk itself: every earlier key is in the window.
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=H != k.shape[1])
     if block_size is None:
         # Query blocks of 512 see 512 + w - 1 keys: ~1.1x the useful work at w = 4096, where
@@ -50,20 +50,20 @@ def windowed_attention(
         block_size = 256 if (window or 0) <= 256 else 512
     if window is None or T <= block_size:
         return _dense(q, k, v, q_pos, k_pos, window, scale, k_valid, q_seg, k_seg, sink_k, sink_v, P)
-    # With padding inside the chunk, positions skip the pads and a window reaches further back in
-    # index than `window`: find each block's first key by position instead (positions of a
-    # chunk's keys never decrease along a row; with documents they restart, but then the index
-    # rule is already a superset, since the document mask does the rest).
-    by_position = k_valid is not None and q_seg is None and not bool(k_valid[:, P:].all())
-    chunk_pos = k_pos[:, P:].contiguous() if by_position else None
+    # A query's window holds at most its last `window` real keys (positions strictly increase
+    # over the real keys of a document; keys of other documents are masked anyway), so a block
+    # needs the keys from its first query's `window`-th last real key on. Without padding that
+    # is an index; with padding (which shares or skips positions) it is found by counting.
+    count = None
+    if k_valid is not None and not bool(k_valid[:, P:].all()):
+        count = k_valid[:, P:].long().cumsum(1).contiguous()  # [B, T], inclusive
     outs = []
     for s in range(0, T, block_size):
         e = min(T, s + block_size)
         lo = max(0, s - window + 1)
-        if by_position:
-            need = q_pos[:, s] - window + 1  # [B]: the oldest position any query of the block sees
-            first = torch.searchsorted(chunk_pos, need[:, None])  # [B, 1]
-            lo = min(lo, int(first.min()))
+        if count is not None:
+            need = count[:, s:s + 1] - window + 1  # [B, 1]: the oldest real key's count
+            lo = int(torch.searchsorted(count, need).min())
         idx = torch.arange(P + lo, P + e, device=q.device)
         # the cached past can only reach queries whose window starts before the chunk does
         n_past = P if lo == 0 else 0

@@ -65,9 +65,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from spikingbrain.cache import SpikingBrainCache
+from spikingbrain.cache import SpikingBrainCache, ring_entries
 from spikingbrain.errors import SpikingBrainError
 from spikingbrain.layers.attention import SoftmaxAttention
+from spikingbrain.layers.context import document_starts
 from spikingbrain.layers.gla import GatedLinearAttention
 from spikingbrain.layers.hybrid import ParallelHybrid
 from spikingbrain.layers.moe import MoE
@@ -128,11 +129,10 @@ def sequence_metadata(B: int, T: int, device, attention_mask=None, position_ids=
             if position_ids.shape[-1] != T:
                 raise SpikingBrainError(f"position_ids must be [batch, seq_len] = [{B}, {T}]")
             position_ids = position_ids.expand(B, T)
-        if T > 1:
-            r = torch.zeros(B, T, dtype=torch.bool, device=device)
-            r[:, 1:] = position_ids[:, 1:] <= position_ids[:, :-1]
-            if bool(r.any()):
-                reset, seg = r, r.long().cumsum(1)
+        position_ids = position_ids.long()
+        reset = document_starts(position_ids, valid)
+        if reset is not None:
+            seg = reset.long().cumsum(1)
     elif valid is not None:
         position_ids = valid.long().cumsum(1) - valid.long()
     else:
@@ -216,9 +216,10 @@ class _Run:
     def halo_lengths(self, window: int) -> list[int]:
         """Per rank, how many tokens before its shard its queries can see with a window of
         ``window`` *positions*: ``window - 1`` normally; fewer after a document start; more
-        when padding inside the sequence (several tokens sharing a position id) stretches
-        the window over more tokens. Computed from the global metadata: the same on every
-        rank. Query ``start`` reaches furthest back (positions only grow inside a document)."""
+        when padding inside the sequence (which takes no position) stretches the window over
+        more tokens. Computed from the global metadata: the same on every rank. The shard's
+        first real query reaches furthest back (positions only grow inside a document, and
+        padding's position ids are ignored)."""
         if window not in self._halo_cache:
             meta, idx = self.meta, torch.arange(self.T, device=self.meta.positions.device)
             out = []
@@ -226,10 +227,16 @@ class _Run:
                 if s == 0:
                     out.append(0)
                     continue
+                q = torch.full_like(meta.positions[:, :1], s)  # [B, 1]: the first real query from s on
+                if meta.valid is not None:
+                    later = meta.valid & (idx[None] >= s)
+                    q = torch.where(later.any(1), later.int().argmax(1), self.T)[:, None]
+                has_q = q < self.T
+                qc = q.clamp(max=self.T - 1)
                 pos = meta.positions
-                seen = (idx[None] < s) & (pos > pos[:, s:s + 1] - window)
+                seen = has_q & (idx[None] < s) & (pos > pos.gather(1, qc) - window)
                 if meta.seg is not None:
-                    seen = seen & (meta.seg == meta.seg[:, s:s + 1])
+                    seen = seen & (meta.seg == meta.seg.gather(1, qc))
                 if meta.valid is not None:
                     seen = seen & meta.valid
                 first = torch.where(seen.any(1), seen.int().argmax(1), torch.full_like(idx[:1], s))
@@ -517,36 +524,41 @@ def _build_cache(lm, run: _Run) -> SpikingBrainCache:
     cache = SpikingBrainCache(config)
     sinks = lm.model.compute_sink_kv() if getattr(lm.model, "sink_tokens", None) is not None else None
     valid = meta.valid if meta.valid is not None else torch.ones(B, T, dtype=torch.bool, device=device)
+    keep = valid if meta.seg is None else valid & (meta.seg == meta.seg[:, -1:])  # the last document's real tokens
     for i, lc in enumerate(cache.layers):
         rec = run.records.get(i, {})
         if lc.linear is not None:
             lc.linear.set_state(rec["state"])
         if lc.kv is not None:
-            need = T if lc.kv.window is None else min(T, lc.kv.window)
+            lo = 0
+            if lc.kv.window is not None:  # gather from the first token the ring stores on
+                stored = ring_entries(meta.positions, keep, lc.kv.window)
+                first = torch.where(stored.any(1), stored.int().argmax(1), T)
+                lo = min(int(first.min()), T - 1)
             k, v = rec["k"], rec["v"]
             D = k.shape[-1]
-            kv = run.last_tokens(torch.cat([k, v.to(k.dtype)], -1), need, i)
-            lo = T - need
-            lc.kv.append(kv[..., :D], kv[..., D:].to(v.dtype), meta.positions[:, lo:], valid[:, lo:],
-                         torch.full((B,), lo, dtype=torch.long, device=device))
+            kv = run.last_tokens(torch.cat([k, v.to(k.dtype)], -1), T - lo, i)
+            lc.kv.append(kv[..., :D], kv[..., D:].to(v.dtype), meta.positions[:, lo:], keep[:, lo:])
         if sinks is not None:
             lc.sink_kv = sinks[i]
     if sinks is not None:
         cache._sinks_ready = True
-    cache.stream_len = torch.full((B,), T, dtype=torch.long, device=device)
-    cache.next_pos = valid.long().sum(1)
+    cache.stream_len = torch.zeros(B, dtype=torch.long, device=device)
+    cache.next_pos = torch.zeros(B, dtype=torch.long, device=device)
+    cache.advance(meta.positions, valid)
     return cache
 
 
 @torch.no_grad()
-def context_parallel_prefill(model, input_ids: torch.Tensor, *, attention_mask=None, group=None,
-                             cache_rank: int | None = 0, logits: str = "last", halo: str = "auto",
+def context_parallel_prefill(model, input_ids: torch.Tensor, *, attention_mask=None, position_ids=None,
+                             group=None, cache_rank: int | None = 0, logits: str = "last", halo: str = "auto",
                              scan: str = "auto", stats: CommStats | None = None) -> ContextParallelOutput:
     """Prefill the prompt ``input_ids [B, T]`` (the same on every rank of ``group``) with the
     sequence split over the ranks. Returns (``ContextParallelOutput``) the last token's logits
     on every rank and the ``SpikingBrainCache`` of the whole prompt on group rank
-    ``cache_rank`` (None: on every rank), equal to what ``model(input_ids, use_cache=True)``
-    leaves on one process; generation then continues on that rank with
+    ``cache_rank`` (None: on every rank), equal to what ``model(input_ids, attention_mask=...,
+    position_ids=..., use_cache=True)`` leaves on one process (any padding; packed documents
+    through ``position_ids``); generation then continues on that rank with
     ``model(next_ids, cache=out.cache)`` or ``model.generate``.
 
     From ``torchrun`` (``dist.init_process_group`` done)::
@@ -558,8 +570,8 @@ def context_parallel_prefill(model, input_ids: torch.Tensor, *, attention_mask=N
     was = _unwrap(model).training
     _unwrap(model).eval()
     try:
-        return context_parallel_forward(model, input_ids, attention_mask=attention_mask, group=group,
-                                        logits=logits, collect_cache=True, cache_rank=cache_rank,
+        return context_parallel_forward(model, input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                        group=group, logits=logits, collect_cache=True, cache_rank=cache_rank,
                                         halo=halo, scan=scan, stats=stats)
     finally:
         _unwrap(model).train(was)
