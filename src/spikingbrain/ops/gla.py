@@ -159,8 +159,8 @@ def gla_chunk(q, k, v, g, *, scale, initial_state=None, output_final_state=False
 
     Within a chunk of C tokens, ``b`` is the cumulative log decay from the chunk start and the
     scores are ``A_ij = sum_k q_ik k_jk exp(b_ik - b_jk)``. Usually one matmul computes them
-    exactly as ``(q e^(b-m))(k e^(m-b))^T`` (``m``: half the chunk's decay); if a chunk's total
-    decay is too strong for that to be
+    exactly as ``(q e^(b-m))(k e^(m-b))^T`` (``m``: 0, or half the chunk's decay when that is
+    large); if a chunk's total decay is too strong for that to be
     representable, ``_intra_chunk_stable`` (sub-chunks of ``sub_chunk`` tokens, exponents always
     <= 0) takes over, so the result is stable for any gate strength. Chunk states are then
     scanned sequentially.
@@ -190,17 +190,19 @@ def gla_chunk(q, k, v, g, *, scale, initial_state=None, output_final_state=False
 
     # ---- intra-chunk scores A[i, j], j <= i
     # Fast path: when no chunk decays by more than `limit` nats, A = (q e^(b-m))(k e^(m-b))^T is
-    # one exact matmul. The reference m is half the chunk's decay, so each factor grows by at most
-    # e^(limit/2) (forward, and dq/dk in backward; measuring from the chunk start instead put
-    # e^limit on the key side, and |k| = 80 overflowed). Upper-triangle entries (j > i) may still
-    # overflow to inf: they are dropped with `where`, never multiplied by a 0/1 mask (inf * 0 = NaN).
-    # Stronger gates fall back to the sub-chunk form, which never exponentiates a positive number.
+    # one exact matmul. The reference m is the chunk start (m = 0) while a channel decays by at
+    # most limit/2 over the chunk, else half its decay: either way no factor exceeds e^(limit/2)
+    # times |q| or |k| (forward, and dq/dg in backward; m = 0 up to `limit` put e^limit on the key
+    # side, and |k| = 80 overflowed). Upper-triangle entries (j > i) may still overflow to inf:
+    # they are dropped with `where`, never multiplied by a 0/1 mask (inf * 0 = NaN). Stronger
+    # gates fall back to the sub-chunk form, which never exponentiates a positive number.
     limit = 80.0 if dt == torch.float32 else 600.0
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     if seg is not None:
         causal = causal & (seg[..., :, None] == seg[..., None, :])
     if float(-b[:, :, :, -1].detach().min()) <= limit:
-        m = (b[:, :, :, -1:] / 2).detach()  # a constant shift: the scores do not depend on it
+        b_end = b[:, :, :, -1:].detach()  # m is a constant shift: the scores do not depend on it
+        m = torch.where(b_end < -limit / 2, b_end / 2, torch.zeros_like(b_end))
         A = (q * (b - m).exp()) @ (k * (m - b).exp()).transpose(-1, -2)
     else:
         A = _intra_chunk_stable(q, k, b, c)
