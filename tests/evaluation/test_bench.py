@@ -229,3 +229,20 @@ def test_bench_decode_and_train_tiny(tmp_path, llama_dir, tokenizer, spiking):
     tr = json.loads((out / "train_cpu.json").read_text())
     assert tr["benchmark"] == "train" and tr["ratio_tokens_per_s"] > 0 and tr["torch"]
     assert (out / "decode_cpu.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_serve_throughput_view_has_rows_and_ratios(tmp_path):
+    data = {**META, "benchmark": "serve_throughput", "command": "python3 benchmarks/serve_throughput.py --model m",
+            "rows": [{"server": "spikingbrain serve fp32", "concurrency": 4, "requests": 8, "completion_tokens": 256,
+                      "seconds": 10.0, "tokens_per_s": 25.6},
+                     {"server": "vLLM fp32", "concurrency": 4, "requests": 8, "completion_tokens": 256,
+                      "seconds": 5.0, "tokens_per_s": 51.2}],
+            "ratios": [{"concurrency": 4, "ratio": "vLLM fp32 / spikingbrain serve fp32", "value": 2.0}]}
+    path = tmp_path / "serve_throughput_cpu.json"
+    path.write_text(json.dumps(data))
+    v = bench_report.view(path)
+    assert v.name == "serve_throughput"
+    assert [r[0] for r in v.tables[0].rows] == ["spikingbrain serve fp32", "vLLM fp32"]
+    assert v.summary == ["4 concurrent: vLLM fp32 / spikingbrain serve fp32 = 2x"]
+    md = bench_report.render_markdown(tmp_path, link_base=tmp_path)
+    assert "Serving throughput: spikingbrain serve vs vLLM" in md and "benchmarks/serve_throughput.py" in md

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from spikingbrain.errors import SpikingBrainError
 
-ORDER = ["prefill", "decode", "memory", "train", "moe", "context_parallel", "spiking"]
+ORDER = ["prefill", "decode", "memory", "train", "moe", "context_parallel", "spiking", "serve_throughput"]
 TITLES = {
     "prefill": "Prefill time vs prompt length",
     "decode": "Decode speed vs context",
@@ -27,10 +27,11 @@ TITLES = {
     "moe": "MoE FFN vs dense FFN",
     "context_parallel": "Context-parallel prefill",
     "spiking": "Spiking sweep: perplexity, sparsity, energy vs k",
+    "serve_throughput": "Serving throughput: spikingbrain serve vs vLLM",
 }
 SCRIPTS = {"prefill": "benchmarks/prefill.py", "decode": "benchmarks/decode.py", "train": "benchmarks/train_throughput.py",
            "moe": "benchmarks/moe.py", "context_parallel": "benchmarks/context_parallel.py",
-           "spiking": "benchmarks/spiking_sweep.py"}
+           "spiking": "benchmarks/spiking_sweep.py", "serve_throughput": "benchmarks/serve_throughput.py"}
 NAME_ALIASES = {"context_parallel_prefill": "context_parallel", "train_throughput": "train", "spiking_sweep": "spiking"}
 
 
@@ -330,8 +331,14 @@ def _generic(v: View, d: dict) -> None:
         v.tables.append(Table(cols, [[fmt(r.get(c)) for c in cols] for r in rows]))
 
 
+def _serve_throughput(v: View, d: dict) -> None:
+    _generic(v, d)
+    for r in d.get("ratios", []):
+        v.summary.append(f"{r['concurrency']} concurrent: {r['ratio']} = {ratio(r['value'])}")
+
+
 BUILDERS = {"prefill": _prefill, "decode": _decode, "memory": _memory, "train": _train, "moe": _moe,
-            "context_parallel": _context_parallel, "spiking": _spiking}
+            "context_parallel": _context_parallel, "spiking": _spiking, "serve_throughput": _serve_throughput}
 
 
 # --------------------------------------------------------------------------- plots
