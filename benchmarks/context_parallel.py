@@ -4,8 +4,10 @@ each rank sends per layer compared with what softmax attention would need.
 For each process count ``P`` (``--procs``) the script spawns ``P`` local CPU processes (gloo,
 one thread each) and times ``spikingbrain.parallel.context_parallel_prefill`` of one random
 sequence per length (``--lengths``): the median over ``--repeats`` runs after one warm-up of the
-slowest rank's wall time (barrier before and after). ``P = 1`` also times the plain
-single-process prefill ``model(ids, use_cache=True)`` as the baseline. "no-comm s" times the
+slowest rank's wall time (barrier before and after). The baseline is the plain single-process
+prefill ``model(ids, use_cache=True)`` (no context-parallel code) with the same warm-up and
+repeats, timed at each of ``--baseline-threads`` (default: 1 and every core) and taken at its
+fastest: P processes use P cores, so one process gets all of them too. "no-comm s" times the
 same ``P`` processes each running the plain forward of its own shard only (no exchange, no
 correction): what the machine allows for ``P``-way parallel work, a lower bound for the
 sharded prefill (on a shared or small CPU this, not the algorithm, limits the speed-up).
@@ -51,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--scan", choices=["auto", "allgather", "p2p"], default="auto", help="GLA state scan")
+    p.add_argument("--baseline-threads", default=f"1,{os.cpu_count()}",
+                   help="thread counts for the single-process baseline; its fastest is the baseline")
     p.add_argument("--out", default=str(RESULTS))
     return p.parse_args(argv)
 
@@ -113,26 +117,40 @@ def worker(cfg: dict, lengths: list[int], repeats: int, scan: str = "auto") -> d
                 dist.barrier()
                 if i:
                     it.append(time.perf_counter() - t0)
-        base = None
-        if world == 1:
-            bt = []
-            with torch.no_grad():
-                for i in range(repeats + 1):
-                    t0 = time.perf_counter()
-                    model(ids, use_cache=True, logits_to_keep=1)
-                    if i:
-                        bt.append(time.perf_counter() - t0)
-            base = statistics.median(bt)
         fwd = [r for r in stats.records if r.kind != "cache"]
         per_layer: dict[int, dict[str, int]] = {}
         for r in fwd:
             if r.layer is not None:
                 per_layer.setdefault(r.layer, {}).setdefault(r.kind, 0)
                 per_layer[r.layer][r.kind] += r.nbytes
-        out[T] = {"seconds": statistics.median(times), "baseline_seconds": base,
+        out[T] = {"seconds": statistics.median(times),
                   "independent_shards_seconds": statistics.median(it),
                   "bytes_by_kind": stats.by_kind(), "bytes_per_layer": per_layer}
     return {"rank": rank, "results": out}
+
+
+def single_process_baseline(cfg: dict, lengths: list[int], repeats: int, threads: list[int]) -> dict:
+    """The plain forward in this process: ``{T: {threads: median seconds}}`` (same warm-up and
+    repeats as the sharded runs, same random ids)."""
+    model = _build(cfg)
+    before = torch.get_num_threads()
+    out: dict[int, dict[int, float]] = {}
+    try:
+        for n in threads:
+            torch.set_num_threads(n)
+            for T in lengths:
+                ids = torch.randint(0, model.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(T))
+                times = []
+                with torch.no_grad():
+                    for i in range(repeats + 1):
+                        t0 = time.perf_counter()
+                        model(ids, use_cache=True, logits_to_keep=1)
+                        if i:
+                            times.append(time.perf_counter() - t0)
+                out.setdefault(T, {})[n] = statistics.median(times)
+    finally:
+        torch.set_num_threads(before)
+    return out
 
 
 # --------------------------------------------------------------------------- analysis
@@ -192,10 +210,14 @@ def run_layout(layout: str, args, procs: list[int], lengths: list[int]) -> tuple
         results[P] = {r["rank"]: r["results"] for r in ranks}
         print(f"[{layout}, {P} process(es): {time.perf_counter() - t0:.0f} s]", file=sys.stderr)
 
+    threads = [int(x) for x in args.baseline_threads.split(",")]
+    baseline = single_process_baseline(cfg, lengths, args.repeats, threads)
     hkv, d, w = o["num_key_value_heads"], o["head_dim"], o["sliding_window"]
     rows = []
     for T in lengths:
-        base = results[1][0][T]["baseline_seconds"] if 1 in procs else None
+        by_threads = baseline[T]
+        best = min(by_threads, key=by_threads.get)
+        base = by_threads[best]
         for P in procs:
             per_rank = results[P]
             r0 = per_rank[P - 1][T]  # the last rank's view (all ranks time the same barrier-to-barrier span)
@@ -207,18 +229,21 @@ def run_layout(layout: str, args, procs: list[int], lengths: list[int]) -> tuple
             rows.append({"layout": layout, "length": T, "procs": P, "seconds": r0["seconds"],
                          "independent_shards_seconds": r0["independent_shards_seconds"],
                          "tokens_per_s": T / r0["seconds"], "single_process_seconds": base,
+                         "single_process_threads": best, "single_process_seconds_by_threads": by_threads,
+                         "speedup_vs_single_process": base / r0["seconds"],
                          "max_bytes_per_layer_by_kind": {k: max(v) for k, v in kinds.items()},
                          "softmax_kv_allgather_bytes_per_layer": softmax_kv_bytes(T, P, 1, hkv, d, 4),
                          "bytes_per_layer_by_rank": {rk: per_rank[rk][T]["bytes_per_layer"] for rk in per_rank}})
 
     print(f"\nContext-parallel prefill (scan={args.scan}), layout {layout}: {o['num_hidden_layers']} layers "
           f"{o['layer_types']}, d={o['hidden_size']}, heads {o['num_attention_heads']}/{hkv}x{d}, "
-          f"w={w}; batch 1, fp32, CPU, 1 thread per process, {os.cpu_count()} cores")
-    print(f"{'T':>7} {'P':>3} {'prefill s':>10} {'tok/s':>9} {'1-proc s':>9} {'no-comm s':>9} | bytes sent per layer by one rank (MiB, max over ranks)")
-    print(f"{'':>7} {'':>3} {'':>10} {'':>9} {'':>9} {'':>9} | {'GLA state':>10} {'SWA halo':>10} {'full K/V':>10} {'softmax K/V':>12}")
+          f"w={w}; batch 1, fp32, CPU, 1 thread per process, {os.cpu_count()} cores; "
+          f"1-proc = plain forward, fastest of {threads} threads")
+    print(f"{'T':>7} {'P':>3} {'prefill s':>10} {'tok/s':>9} {'1-proc s':>9} {'speed-up':>9} {'no-comm s':>9} | bytes sent per layer by one rank (MiB, max over ranks)")
+    print(f"{'':>7} {'':>3} {'':>10} {'':>9} {'':>9} {'':>9} {'':>9} | {'GLA state':>10} {'SWA halo':>10} {'full K/V':>10} {'softmax K/V':>12}")
     for r in rows:
         k = r["max_bytes_per_layer_by_kind"]
-        base = f"{r['single_process_seconds']:9.3f}" if r["single_process_seconds"] else f"{'':>9}"
+        base = f"{r['single_process_seconds']:9.3f} {r['speedup_vs_single_process']:8.2f}x"
         print(f"{r['length']:>7} {r['procs']:>3} {r['seconds']:>10.3f} {r['tokens_per_s']:>9.0f} {base} "
               f"{r['independent_shards_seconds']:>9.3f} | "
               f"{_mib(k.get('gla_state', 0)):>10} {_mib(k.get('swa_halo', 0)):>10} {_mib(k.get('full_kv', 0)):>10} "
@@ -246,10 +271,13 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    from spikingbrain.evaluation.bench import run_info
+
     out.write_text(json.dumps({
-        "benchmark": "context_parallel_prefill",
+        **run_info("context_parallel_prefill", "context_parallel.py", argv, "cpu", 1),
         "config": {"layout": args.layout, "models": configs, "repeats": args.repeats, "batch": 1, "dtype": "float32",
-                   "scan": args.scan, "halo": "auto", "lengths": lengths, "procs": procs},
+                   "scan": args.scan, "halo": "auto", "lengths": lengths, "procs": procs,
+                   "baseline_threads": args.baseline_threads},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "threads_per_process": 1, "backend": "gloo",
                     "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None},

@@ -4,7 +4,8 @@
 One section per benchmark: the hand-written notes (benchmarks/notes/<name>.md, or the notes block
 already in BENCHMARKS.md when there is no such file, so analysis survives regeneration), the
 plots, and per JSON file its hardware, date, torch version and exact command, a table with a row
-per result row, and the computed ratios. benchmarks/notes/intro.md goes at the top.
+per result row, and the computed ratios. benchmarks/notes/intro.md goes at the top. A result
+that records no command is refused (exit 2): every figure must come with its command.
 
     python3 scripts/make_benchmarks_md.py [--results benchmarks/results] [--notes benchmarks/notes]
         [--out BENCHMARKS.md] [--no-plots] [--check]
@@ -17,9 +18,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 try:
+    from spikingbrain.errors import SpikingBrainError
     from spikingbrain.evaluation.bench_report import make_plots, render_markdown
 except ModuleNotFoundError:  # not installed: use the checkout's sources
     sys.path.insert(0, str(ROOT / "src"))
+    from spikingbrain.errors import SpikingBrainError
     from spikingbrain.evaluation.bench_report import make_plots, render_markdown
 
 
@@ -38,8 +41,12 @@ def main(argv=None) -> int:
         for png in make_plots(args.results):
             print(f"plot: {png}")
     previous = args.out.read_text() if args.out.is_file() else None
-    text = render_markdown(args.results, args.notes if args.notes.is_dir() else None, previous,
-                           link_base=args.out.resolve().parent, plots=not args.no_plots)
+    try:
+        text = render_markdown(args.results, args.notes if args.notes.is_dir() else None, previous,
+                               link_base=args.out.resolve().parent, plots=not args.no_plots)
+    except SpikingBrainError as e:  # e.g. a result that does not record its command
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.check:
         if text != previous:
             print(f"{args.out} is out of date: run python3 scripts/make_benchmarks_md.py", file=sys.stderr)

@@ -10,7 +10,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from spikingbrain.cache import SpikingBrainCache
-from spikingbrain.config import SpikingBrainConfig, count_parameters, layout_76b
+from spikingbrain.config import SpikingBrainConfig, layout_76b
+from spikingbrain.modeling import count_parameters
 from spikingbrain.convert import config_from_teacher, convert_from_transformer
 from spikingbrain.convert.upcycle import upcycle_alpha
 from spikingbrain.layers.hybrid import ParallelHybrid

@@ -63,27 +63,23 @@ def test_sharded_checkpoint_loads(saved, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
 
 
-@pytest.mark.parametrize("load", LOADERS)
-def test_missing_tensor(saved, load):
-    d, _ = saved
-    _edit_weights(d, lambda sd: sd.pop("model.layers.2.self_attn.merge"))
-    with pytest.raises(SpikingBrainError, match=r"nothing was loaded.*missing 1 tensor.*model\.layers\.2\.self_attn\.merge"):
-        load(d)
+BAD_WEIGHTS = {
+    "missing": (lambda sd: sd.pop("model.layers.2.self_attn.merge"),
+                r"nothing was loaded.*missing 1 tensor.*model\.layers\.2\.self_attn\.merge"),
+    "unexpected": (lambda sd: sd.update({"model.layers.0.self_attn.extra.weight": torch.zeros(2)}),
+                   r"no place for.*model\.layers\.0\.self_attn\.extra\.weight"),
+    "wrong shape": (lambda sd: sd.update({"model.norm.weight": torch.ones(63)}),
+                    r"wrong shape.*model\.norm\.weight: \[63\] in the checkpoint, \[64\]"),
+}
 
 
 @pytest.mark.parametrize("load", LOADERS)
-def test_unexpected_tensor(saved, load):
+@pytest.mark.parametrize("case", list(BAD_WEIGHTS))
+def test_weights_that_do_not_fit_are_refused(saved, load, case):
     d, _ = saved
-    _edit_weights(d, lambda sd: sd.update({"model.layers.0.self_attn.extra.weight": torch.zeros(2)}))
-    with pytest.raises(SpikingBrainError, match=r"no place for.*model\.layers\.0\.self_attn\.extra\.weight"):
-        load(d)
-
-
-@pytest.mark.parametrize("load", LOADERS)
-def test_wrong_shape(saved, load):
-    d, _ = saved
-    _edit_weights(d, lambda sd: sd.update({"model.norm.weight": torch.ones(63)}))
-    with pytest.raises(SpikingBrainError, match=r"wrong shape.*model\.norm\.weight: \[63\] in the checkpoint, \[64\]"):
+    edit, message = BAD_WEIGHTS[case]
+    _edit_weights(d, edit)
+    with pytest.raises(SpikingBrainError, match=message):
         load(d)
 
 

@@ -6,9 +6,9 @@ transformers' Auto classes (no ``trust_remote_code`` needed), for this package's
 for the released SpikingBrain-7B ones (``model_type: "gla_swa"``, ``convert/official.py``).
 """
 from spikingbrain.cache import SpikingBrainCache
-from spikingbrain.config import PRESETS, SpikingBrainConfig, count_parameters
+from spikingbrain.config import PRESETS, SpikingBrainConfig
 from spikingbrain.errors import SpikingBrainError
-from spikingbrain.modeling import SpikingBrainForCausalLM, SpikingBrainModel
+from spikingbrain.modeling import SpikingBrainForCausalLM, SpikingBrainModel, count_parameters
 from spikingbrain.convert import official as _official  # noqa: E402,F401  (the released gla_swa format)
 
 __version__ = "0.1.0"

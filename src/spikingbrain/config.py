@@ -1,4 +1,5 @@
-"""SpikingBrainConfig: the architecture, layer by layer, plus presets and parameter counting.
+"""SpikingBrainConfig: the architecture, layer by layer, plus presets (parameter counting is in
+``modeling.count_parameters``, beside the model it builds).
 
 Field names follow Hugging Face's Llama/Qwen2 configs so converted checkpoints read naturally.
 What is new describes the per-layer mixer (`layer_types`), the GLA details, the hybrids' sink
@@ -307,27 +308,3 @@ PRESETS: dict[str, dict] = {
         num_shared_experts=1,
     ),
 }
-
-
-def count_parameters(config: "SpikingBrainConfig | str") -> dict[str, int]:
-    """Count parameters without allocating weights (the model is built on the meta device).
-
-    Returns ``{"total": int, "active": int}``; ``active`` counts, per token, the shared experts
-    and ``num_experts_per_tok`` routed experts of every MoE layer instead of all of them.
-    """
-    import torch
-
-    from spikingbrain.modeling import SpikingBrainForCausalLM
-
-    if isinstance(config, str):
-        config = SpikingBrainConfig.from_preset(config)
-    with torch.device("meta"):
-        model = SpikingBrainForCausalLM(config)
-    total = sum(p.numel() for p in model.parameters())
-    inactive = 0
-    for layer in model.model.layers:
-        experts = getattr(layer.mlp, "experts", None)
-        if experts is not None and len(experts) > 0:
-            per_expert = sum(p.numel() for p in experts[0].parameters())
-            inactive += per_expert * (len(experts) - config.num_experts_per_tok)
-    return {"total": total, "active": total - inactive}

@@ -294,7 +294,7 @@ def chat_answers(model, tokenizer, prompts: list[str], max_new_tokens: int) -> l
 
 # --------------------------------------------------------------------------- saving
 def write_model_card(out_dir: Path, student, teacher_name: str, report: dict) -> None:
-    from spikingbrain.config import count_parameters
+    from spikingbrain.modeling import count_parameters
 
     counts = count_parameters(student.config)
     types = student.config.layer_types

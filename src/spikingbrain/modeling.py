@@ -388,3 +388,23 @@ def _one_cache(cache, past_key_values):
 
 AutoConfig.register("spikingbrain", SpikingBrainConfig, exist_ok=True)
 AutoModelForCausalLM.register(SpikingBrainConfig, SpikingBrainForCausalLM, exist_ok=True)
+
+
+def count_parameters(config: SpikingBrainConfig | str) -> dict[str, int]:
+    """Count parameters without allocating weights (the model is built on the meta device).
+
+    Returns ``{"total": int, "active": int}``; ``active`` counts, per token, the shared experts
+    and ``num_experts_per_tok`` routed experts of every MoE layer instead of all of them.
+    """
+    if isinstance(config, str):
+        config = SpikingBrainConfig.from_preset(config)
+    with torch.device("meta"):
+        model = SpikingBrainForCausalLM(config)
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    for layer in model.model.layers:
+        experts = getattr(layer.mlp, "experts", None)
+        if experts is not None and len(experts) > 0:
+            per_expert = sum(p.numel() for p in experts[0].parameters())
+            inactive += per_expert * (len(experts) - config.num_experts_per_tok)
+    return {"total": total, "active": total - inactive}

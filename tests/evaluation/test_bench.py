@@ -41,8 +41,9 @@ def synthetic_results(d: Path) -> dict[str, dict]:
                            "llama": {"params": 5e6, "step_s": 0.4, "tokens_per_s": 5120.0, "flops_per_token": 3.1e7,
                                      "mfu": 0.25, "peak_mem_gib": 1.5},
                            "ratio_tokens_per_s": 0.8},
-        # the old moe.json shape: no benchmark/date/command keys (date falls back to the file time)
-        "moe.json": {"config": {"hidden": 64, "intermediate": 32, "experts": 4, "top_k": 1, "shared": 1,
+        # no benchmark/date keys (the name comes from the file, the date from its time)
+        "moe.json": {"command": "python3 benchmarks/moe.py --hidden 64",
+                     "config": {"hidden": 64, "intermediate": 32, "experts": 4, "top_k": 1, "shared": 1,
                                 "torch": "2.13.0+cpu", "platform": "Linux-test", "cuda": None},
                      "results": [{"device": "cpu", "dtype": "float32", "tokens": 16, "mode": "forward", "module": m,
                                   "seconds": s, "tokens_per_s": 16 / s, "ratio_vs_dense": 0.01 / s,
@@ -91,10 +92,26 @@ def test_markdown_from_synthetic_json(tmp_path):
     assert "tokens/s SpikingBrain / Llama: 0.8x" in tr
 
     moe = section(md, "MoE FFN vs dense FFN")
-    assert len(table_rows(moe)) == 2 and "(file time)" in moe and "- command: `not recorded`" in moe
+    assert len(table_rows(moe)) == 2 and "(file time)" in moe and "- command: `python3 benchmarks/moe.py --hidden 64`" in moe
     assert "best MoE dispatch moe-loop at 0.5x" in moe
     # sections in the fixed order
     assert md.index("## Prefill") < md.index("## Decode speed") < md.index("## Decode-state") < md.index("## Training")
+
+
+def test_a_result_without_its_command_is_refused(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("make_benchmarks_md", ROOT / "scripts" / "make_benchmarks_md.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    results = tmp_path / "benchmarks" / "results"
+    files = synthetic_results(results)
+    data = dict(files["train_cpu.json"])
+    del data["command"]
+    (results / "train_cpu.json").write_text(json.dumps(data))
+    out = tmp_path / "BENCHMARKS.md"
+    assert script.main(["--results", str(results), "--out", str(out), "--no-plots"]) == 2
+    assert "train_cpu.json" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(bench_report.SpikingBrainError, match="train_cpu.json .* record no command"):
+        bench_report.render_markdown(results)
 
 
 def test_plots_are_png_and_linked(tmp_path):

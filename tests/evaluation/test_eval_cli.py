@@ -22,11 +22,12 @@ def test_parse_length():
         parse_length("lots")
 
 
-def test_eval_side_by_side_writes_json(tmp_path, llama_dir, teacher_dir, capsys):
+def test_eval_side_by_side_writes_json(tmp_path, llama_dir, teacher_dir, capsys, llama, other_llama, tokenizer):
     out = tmp_path / "res" / "results.json"
     data = tmp_path / "held_out.jsonl"
-    data.write_text(json.dumps({"text": "It is a truth universally acknowledged, that a single man."}) + "\n"
-                    + json.dumps({"text": "In the beginning God created the heaven and the earth."}) + "\n")
+    held_out = ["It is a truth universally acknowledged, that a single man.",
+                "In the beginning God created the heaven and the earth."]
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in held_out))
     rc = main(["eval", str(llama_dir), "--teacher", str(teacher_dir), "--suite", "ppl,agreement,passkey,cloze",
                "--data", str(data), "--context-length", "16", "--lengths", "200", "--depths", "0,1",
                "--limit", "2", "--out", str(out)])
@@ -42,7 +43,13 @@ def test_eval_side_by_side_writes_json(tmp_path, llama_dir, teacher_dir, capsys)
     assert res["model"]["ppl"]["ppl"] != res["teacher"]["ppl"]["ppl"]
     assert len(res["model"]["passkey"]["rows"]) == 2 and set(res["model"]["passkey"]["accuracy"]) == {"200"}
     assert res["teacher"]["cloze"]["spikingbrain_cloze"]["samples"] == 2
-    assert 0 <= res["agreement"]["top1"] < 1 and res["agreement"]["kl"] > 0
+    # the saved models, compared directly (teacher_agreement itself is checked by hand elsewhere)
+    from spikingbrain.evaluation.agreement import teacher_agreement
+
+    direct = teacher_agreement(llama, other_llama, tokenizer, held_out, context_length=16)
+    assert res["agreement"]["tokens"] == direct["tokens"] > 0
+    assert res["agreement"]["top1"] == pytest.approx(direct["top1"])
+    assert res["agreement"]["kl"] == pytest.approx(direct["kl"], rel=1e-6) and direct["kl"] > 0
     assert rec["versions"]["torch"] and rec["command"].startswith("spikingbrain")
 
 

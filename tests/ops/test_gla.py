@@ -213,3 +213,42 @@ def test_unknown_mode_and_bad_shapes_are_clear_errors():
         gla(q, k, v, g, initial_state=s0[:, :1])
     with pytest.raises(SpikingBrainError, match="reset"):
         gla(q, k, v, g, reset=torch.zeros(B, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("with_reset", [False, True])
+def test_chunk_fast_path_large_keys_near_the_decay_limit(with_reset):
+    """Issue 14 item 3: fp32, head dim 128, |q| = |k| = 80 per channel and 79 nats of decay per
+    64-token chunk (just under the fast path's 80-nat limit). The upper-triangle scores overflow
+    to inf there; masking them by multiplication gave inf * 0 = NaN outputs, and measuring the
+    decay from the chunk start overflowed dq and dg in backward. Outputs, the final state and every
+    gradient must be finite and equal the fp64 quadratic reference (and the fp32 recurrence)."""
+    B_, T, H_, K_, V_ = 1, 130, 2, 128, 16
+    gen = torch.Generator().manual_seed(21)
+    q = 80.0 * (0.9 + 0.1 * torch.rand(B_, T, H_, K_, generator=gen))
+    k = 80.0 * (0.9 + 0.1 * torch.rand(B_, T, H_, K_, generator=gen))
+    v = torch.randn(B_, T, H_, V_, generator=gen).abs()
+    g = torch.full((B_, T, H_, K_), -79.0 / 64)
+    s0 = torch.randn(B_, H_, K_, V_, generator=gen)
+    reset = None
+    if with_reset:
+        reset = torch.zeros(B_, T, dtype=torch.bool)
+        reset[0, 40] = True
+    do = 100.0 * torch.rand(B_, T, H_, V_, generator=gen)  # a scaled loss: large dq, dg
+    ds = torch.randn(B_, H_, K_, V_, generator=gen)
+
+    def run(mode, dtype):
+        xs = [x.to(dtype).clone().requires_grad_() for x in (q, k, v, g, s0)]
+        o, s = gla(*xs[:4], initial_state=xs[4], output_final_state=True, mode=mode, reset=reset,
+                   chunk_size=64)
+        ((o * do.to(dtype)).sum() + (s * ds.to(dtype)).sum()).backward()
+        return o, s, [x.grad for x in xs]
+
+    o, s, grads = run("chunk", torch.float32)
+    ref_o, ref_s, ref_grads = run("naive", torch.float64)
+    rec_o, rec_s, _ = run("recurrent", torch.float32)
+    assert_close_rel(o, ref_o, 1e-5, "o")
+    assert_close_rel(s, ref_s, 1e-5, "final state")
+    assert_close_rel(rec_o, ref_o, 1e-5, "recurrent o")  # the reference is itself sane here
+    assert_close_rel(o, rec_o, 1e-5, "o vs fp32 recurrence")
+    for name, a, r in zip(("dq", "dk", "dv", "dg", "ds0"), grads, ref_grads):
+        assert_close_rel(a, r, 1e-4, name)

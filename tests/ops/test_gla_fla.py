@@ -1,4 +1,5 @@
-"""flash-linear-attention's kernels against our chunk reference (CUDA + fla only; skipped otherwise).
+"""flash-linear-attention's kernels against our chunk reference (CUDA + fla only; skipped otherwise;
+the call contract itself is checked on CPU by ``test_gla_fla_contract.py``).
 
 fla changed its default layout from head-first to time-first; a mismatch gives plausible-looking
 garbage, so outputs, final states and gradients are all compared, for the fla version installed
@@ -11,7 +12,8 @@ from spikingbrain.ops.gla_fla import fla_available
 from testutils import assert_close_rel
 
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not fla_available(), reason="needs CUDA and flash-linear-attention (pip install 'spikingbrain[gpu]')")]
+              pytest.mark.skipif(not (torch.cuda.is_available() and fla_available()),
+                                 reason="needs CUDA and flash-linear-attention (pip install 'spikingbrain[gpu]')")]
 
 
 def _inputs(B, T, H, K, V, dtype, seed=0, strong=False):

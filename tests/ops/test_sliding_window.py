@@ -1,8 +1,6 @@
 """spikingbrain.ops.windowed_attention against masked full softmax attention: exactly ``w`` keys
 per query (itself included), GQA, cached past keys in ring-buffer order, padding, documents,
 sink keys; and long inputs are processed in blocks (no T x T mask)."""
-import time
-
 import pytest
 import torch
 
@@ -125,7 +123,8 @@ def test_padding_documents_and_sinks():
 
 def test_long_input_uses_blocks_not_a_dense_mask(monkeypatch):
     """T = 65536, w = 64: every dense piece is at most ``block x (block + w - 1)`` (a T x T
-    boolean mask alone would be 4 GiB), and the whole call takes well under a few seconds."""
+    boolean mask alone would be 4 GiB), and queries around block boundaries, at the start and at
+    the end equal the reference over their own ``w`` keys. (Speed is for benchmarks/.)"""
     T, w = 65536, 64
     q = torch.randn(1, 2, T, 16)
     k, v = torch.randn(1, 1, T, 16), torch.randn(1, 1, T, 16)
@@ -140,19 +139,19 @@ def test_long_input_uses_blocks_not_a_dense_mask(monkeypatch):
         return real_dense(q_, k_, *args, **kw)
 
     monkeypatch.setattr(sw, "_dense", spy)
-    t0 = time.perf_counter()
     o = windowed_attention(q, k, v, q_pos=pos, k_pos=pos, window=w)
-    elapsed = time.perf_counter() - t0
     assert o.shape == (1, 2, T, 16) and torch.isfinite(o).all()
     assert shapes, "expected the blocked path"
     assert sum(s[0] for s in shapes) == T
     assert max(s[0] * s[1] for s in shapes) <= 256 * (256 + w - 1)
-    assert elapsed < 20, f"{elapsed:.1f}s"
-    # spot-check the last query against its 64 keys
-    i = T - 1
-    ref = reference(q[:, :, i:i + 1].double(), k[:, :, i - w + 1:i + 1].double(),
-                    v[:, :, i - w + 1:i + 1].double(), torch.ones(1, 1, w, dtype=torch.bool))
-    assert_close_rel(o[:, :, i:i + 1], ref, 1e-5)
+    block_ends = torch.tensor([n for n, _ in shapes]).cumsum(0).tolist()
+    edges = block_ends[:3] + block_ends[-2:-1]  # the first block boundaries and the last one
+    checked = sorted({0, 1, w - 1, w, T - 1} | {b + d for b in edges for d in (-1, 0, 1)})
+    for i in checked:
+        lo = max(0, i - w + 1)
+        ref = reference(q[:, :, i:i + 1].double(), k[:, :, lo:i + 1].double(), v[:, :, lo:i + 1].double(),
+                        torch.ones(1, 1, i + 1 - lo, dtype=torch.bool))
+        assert_close_rel(o[:, :, i:i + 1], ref, 1e-5, f"query {i}")
 
 
 @pytest.mark.parametrize("block_size", [5, 7, 16])

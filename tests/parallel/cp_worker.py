@@ -22,6 +22,9 @@ MODELS = {
     # every mixer kind, sinks seen by a pure GLA layer, separate linear-branch projections
     "mixed": ("tiny", dict(layer_types=["gla", "full", "swa", "gla+full"], num_sink_tokens=2,
                            hybrid_separate_proj=True)),
+    # dynamic NTK RoPE past max_position_embeddings: the frequencies follow the whole sequence
+    "7b-dynamic-rope": ("tiny", dict(max_position_embeddings=16, rope_parameters={
+        "rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0})),
 }
 
 

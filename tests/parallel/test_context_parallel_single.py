@@ -66,7 +66,8 @@ def test_group_of_one_prefill_equals_model(key):
     _close(last, ref.logits[:, -1], "last logits")
 
 
-@pytest.mark.parametrize("key", list(MODELS))
+# dynamic NTK RoPE changes its frequencies per forward call: no one-shot dense reference for decode
+@pytest.mark.parametrize("key", [k for k in MODELS if k != "7b-dynamic-rope"])
 @torch.no_grad()
 def test_group_of_one_prefill_and_decode_equal_dense_reference(key):
     """The sharded path's prefill (holes, right padding, a packed document starting at the last

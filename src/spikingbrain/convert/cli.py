@@ -52,7 +52,7 @@ def _layout(value: str):
 def _convert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from spikingbrain.config import count_parameters
+    from spikingbrain.modeling import count_parameters
     from spikingbrain.convert.mapping import convert_from_transformer
     from spikingbrain.convert.teacher import load_teacher
     from spikingbrain.demo import sample_sequences, save_model, shipped_ids
@@ -93,7 +93,7 @@ def _convert_official(args: argparse.Namespace) -> int:
 def _conversion_card(out, student, teacher, args) -> None:
     import datetime as dt
 
-    from spikingbrain.config import count_parameters
+    from spikingbrain.modeling import count_parameters
 
     c = count_parameters(student.config)
     types = student.config.layer_types

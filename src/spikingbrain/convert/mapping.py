@@ -23,6 +23,7 @@ from torch import nn
 from spikingbrain.config import SpikingBrainConfig, _alternating, layout_76b
 from spikingbrain.convert.teacher import check_family
 from spikingbrain.errors import SpikingBrainError
+from spikingbrain.layers.rope import check_rope_parameters
 
 LAYOUTS = ("7b", "76b", "full", "gla", "swa")
 
@@ -83,8 +84,8 @@ def config_from_teacher(teacher_config, layout="7b", sliding_window: int | None 
     heads = tc.num_attention_heads
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
     rope = dict(getattr(tc, "rope_parameters", None) or {})
-    if "rope_theta" not in rope:
-        rope = {"rope_type": "default", "rope_theta": float(getattr(tc, "rope_theta", None) or 10000.0)}
+    rope.setdefault("rope_type", rope.pop("type", "default"))
+    rope.setdefault("rope_theta", float(getattr(tc, "rope_theta", None) or 10000.0))
     kw = dict(
         vocab_size=tc.vocab_size,
         hidden_size=tc.hidden_size,
@@ -110,7 +111,12 @@ def config_from_teacher(teacher_config, layout="7b", sliding_window: int | None 
             gla_feature_map="sigmoid", gla_gate="key", num_sink_tokens=128,
         )
     kw.update(overrides)
-    return SpikingBrainConfig(**kw)
+    config = SpikingBrainConfig(**kw)
+    try:
+        check_rope_parameters(config)
+    except SpikingBrainError as e:
+        raise SpikingBrainError(f"cannot convert this teacher's RoPE: {e}") from e
+    return config
 
 
 def _copy(dst: nn.Linear | nn.Module, src: nn.Module) -> None:

@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from spikingbrain.errors import SpikingBrainError
+
 ORDER = ["prefill", "decode", "memory", "train", "moe", "context_parallel", "spiking", "serve_throughput", "official_7b"]
 TITLES = {
     "prefill": "Prefill time vs prompt length",
@@ -279,6 +281,7 @@ def _context_parallel(v: View, d: dict) -> None:
     for r in d["rows"]:
         k = r.get("max_bytes_per_layer_by_kind", {})
         sent = max(k.values()) if k else 0  # the busiest layer
+        # the baseline is the plain single-process forward at its fastest thread count
         speed = r["single_process_seconds"] / r["seconds"] if r.get("single_process_seconds") else None
         table.append([str(r["length"]), str(r["procs"]), fmt(r["seconds"]), fmt(r["tokens_per_s"]),
                       fmt(r.get("single_process_seconds")), ratio(speed), fmt(r.get("independent_shards_seconds")),
@@ -298,6 +301,11 @@ def _context_parallel(v: View, d: dict) -> None:
     if c:
         v.summary.append(f"Layout {c.get('layout')}, scan {c.get('scan')}, {c.get('dtype')}, batch {c.get('batch')}, "
                          f"median of {c.get('repeats')} runs.")
+    threads = sorted({r.get("single_process_threads") for r in d["rows"]} - {None})
+    if threads:
+        v.summary.append("1-process s: the plain single-process forward (no context-parallel code) at its fastest "
+                         f"of {c.get('baseline_threads', '?')} threads (fastest here: {', '.join(map(str, threads))}); "
+                         "speed-up = 1-process s / prefill s.")
 
 
 def _spiking(v: View, d: dict) -> None:
@@ -488,6 +496,12 @@ def render_markdown(results_dir: Path, notes_dir: Path | None = None, previous: 
     relative to ``link_base`` (the folder of the markdown file)."""
     results_dir = Path(results_dir)
     views = load_views(results_dir)
+    unrecorded = [v.path.name for v in views if v.meta["command"] == "not recorded"]
+    if unrecorded:
+        raise SpikingBrainError(
+            f"{', '.join(unrecorded)} in {results_dir} record no command: every figure in BENCHMARKS.md must come "
+            "with the command that produced it. Re-run the benchmark (its scripts record the command) or remove the file."
+        )
     old = existing_notes(previous or "")
 
     def notes(name: str) -> str:

@@ -13,7 +13,7 @@ do not leak into each other.
 
 - ``naive``: the quadratic reference, ``o_i = sum_{j<=i} (q_i * exp(G_i - G_j)) . k_j v_j``.
 - ``chunk``: the chunked parallel form, the CPU path. Decays are applied relative to reference
-  points inside each chunk so every exponent is <= 0: stable for any gate strength.
+  points inside each chunk so no factor overflows: stable for any gate strength.
 - ``recurrent``: one token at a time (decoding).
 - ``fla``: flash-linear-attention's Triton kernels (CUDA only, see ``gla_fla.py``).
 """
@@ -65,11 +65,10 @@ def gla(
 
 
 def _auto_mode(q: torch.Tensor) -> str:
-    if q.is_cuda:
-        from spikingbrain.ops.gla_fla import fla_available
+    from spikingbrain.ops import gla_fla  # cheap: fla itself is imported only on CUDA
 
-        if fla_available():
-            return "fla"
+    if gla_fla.on_cuda(q) and gla_fla.fla_available():
+        return "fla"
     # A handful of tokens (decoding): the recurrence is cheaper than padding a chunk.
     return "recurrent" if q.shape[1] <= 4 else "chunk"
 
@@ -160,7 +159,8 @@ def gla_chunk(q, k, v, g, *, scale, initial_state=None, output_final_state=False
 
     Within a chunk of C tokens, ``b`` is the cumulative log decay from the chunk start and the
     scores are ``A_ij = sum_k q_ik k_jk exp(b_ik - b_jk)``. Usually one matmul computes them
-    exactly as ``(q e^b)(k e^-b)^T``; if a chunk's total decay is too strong for that to be
+    exactly as ``(q e^(b-m))(k e^(m-b))^T`` (``m``: 0, or half the chunk's decay when that is
+    large); if a chunk's total decay is too strong for that to be
     representable, ``_intra_chunk_stable`` (sub-chunks of ``sub_chunk`` tokens, exponents always
     <= 0) takes over, so the result is stable for any gate strength. Chunk states are then
     scanned sequentially.
@@ -189,18 +189,24 @@ def gla_chunk(q, k, v, g, *, scale, initial_state=None, output_final_state=False
         seg = reset.view(B, N, C).long().cumsum(2)[:, None]  # [B, 1, N, C]: resets seen so far in the chunk
 
     # ---- intra-chunk scores A[i, j], j <= i
-    # Fast path: when no chunk decays by more than `limit` nats, exp(b_i) and exp(-b_j) are both
-    # representable, so A = (q e^b)(k e^-b)^T is one exact matmul. Otherwise (very strong gates)
-    # fall back to the sub-chunk form, which never exponentiates a positive number.
+    # Fast path: when no chunk decays by more than `limit` nats, A = (q e^(b-m))(k e^(m-b))^T is
+    # one exact matmul. The reference m is the chunk start (m = 0) while a channel decays by at
+    # most limit/2 over the chunk, else half its decay: either way no factor exceeds e^(limit/2)
+    # times |q| or |k| (forward, and dq/dg in backward; m = 0 up to `limit` put e^limit on the key
+    # side, and |k| = 80 overflowed). Upper-triangle entries (j > i) may still overflow to inf:
+    # they are dropped with `where`, never multiplied by a 0/1 mask (inf * 0 = NaN). Stronger
+    # gates fall back to the sub-chunk form, which never exponentiates a positive number.
     limit = 80.0 if dt == torch.float32 else 600.0
-    q_in = q * b.exp()  # also the query side of the inter-chunk term below
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    if seg is not None:
+        causal = causal & (seg[..., :, None] == seg[..., None, :])
     if float(-b[:, :, :, -1].detach().min()) <= limit:
-        A = q_in @ (k * (-b).exp()).transpose(-1, -2)
-        A = A * torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+        b_end = b[:, :, :, -1:].detach()  # m is a constant shift: the scores do not depend on it
+        m = torch.where(b_end < -limit / 2, b_end / 2, torch.zeros_like(b_end))
+        A = (q * (b - m).exp()) @ (k * (m - b).exp()).transpose(-1, -2)
     else:
         A = _intra_chunk_stable(q, k, b, c)
-    if seg is not None:
-        A = A * (seg[..., :, None] == seg[..., None, :])
+    A = torch.where(causal, A, 0.0)
     o = A @ v  # [B,H,N,C,V]
 
     # ---- chunk states and the sequential scan
@@ -219,6 +225,7 @@ def gla_chunk(q, k, v, g, *, scale, initial_state=None, output_final_state=False
         starts.append(S)
         S = decay[:, :, n, :, None] * S + U[:, :, n]
     S_prev = torch.stack(starts, 2)  # [B,H,N,K,V]: state entering each chunk
+    q_in = q * b.exp()  # exponent <= 0
     if seg is not None:
         q_in = q_in * (seg == 0)[..., None]
     o = o + q_in @ S_prev
@@ -248,7 +255,7 @@ def _intra_chunk_stable(q, k, b, c):
     for j in range(c):
         e = (bs - bs[..., j : j + 1, :]).clamp(max=0)  # rows i < j are masked below
         diag.append((qs * ks[..., j : j + 1, :] * e.exp()).sum(-1))  # [B,H,N,S,c]
-    A_diag = torch.stack(diag, -1) * tri  # [B,H,N,S,c,c]
+    A_diag = torch.where(tri, torch.stack(diag, -1), 0.0)  # [B,H,N,S,c,c]
     A = A.reshape(B, H, N, S_sub, c, S_sub, c)
     eye = torch.eye(S_sub, dtype=torch.bool, device=q.device)[None, None, None, :, None, :, None]
     A = torch.where(eye, A_diag[:, :, :, :, :, None, :].expand_as(A), A).reshape(B, H, N, C, C)

@@ -497,7 +497,8 @@ def context_parallel_forward(model, input_ids: torch.Tensor, *, attention_mask=N
     ids = input_ids[:, s:e].to(device)
     mask = None if attention_mask is None else attention_mask[:, -T:][:, s:e].to(device)
     keep = 0 if logits == "local" else 1
-    with _installed(model, run):
+    # dynamic / longrope RoPE: the frequencies follow the whole sequence's length, not the shard's
+    with _installed(model, run), lm.model.rotary_emb.sequence_length(int(meta.positions.max()) + 1):
         out = model(input_ids=ids, attention_mask=mask, position_ids=run.loc(meta.positions).contiguous(),
                     use_cache=False, logits_to_keep=keep)
     local = last = None

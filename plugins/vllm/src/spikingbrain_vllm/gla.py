@@ -62,7 +62,8 @@ def gla_chunked(q, k, v, g, scale: float, initial_state=None, chunk_size: int = 
         for n in range(N):
             e = (b[:, n, :, None] - b[:, n, None, :]).clamp(max=0).exp()  # [H, Ci, Cj, K]
             A[:, n] = torch.einsum("hik,hjk,hijk->hij", q[:, n] * scale, k[:, n], e)
-    o = (A * mask) @ v  # [H, N, C, V]
+    # drop j > i with `where`: those entries may overflow to inf, and inf * 0 would be NaN
+    o = torch.where(mask, A, 0.0) @ v  # [H, N, C, V]
     # each chunk's contribution to the state at its end, and its total decay
     U = (k * (b_last - b).exp()).transpose(-1, -2) @ v  # [H, N, K, V]
     decay = b_last.squeeze(2).exp()  # [H, N, K]
