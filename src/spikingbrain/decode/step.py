@@ -21,14 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from spikingbrain.decode.state import KV_DTYPES, LeanState, quantize_vectors
-from spikingbrain.decode.weights import PackedLinear
+from spikingbrain.decode.weights import PackedLinear, Unsupported
 from spikingbrain.errors import SpikingBrainError
 
 log = logging.getLogger(__name__)
-
-
-class Unsupported(SpikingBrainError):
-    """This model cannot run the lean step (the reason is the message)."""
 
 
 @dataclass(frozen=True)
@@ -237,6 +233,7 @@ class LeanDecoder(nn.Module):
             self._sinks = [None if t is None else (t[0].detach().float(), t[1].detach().float()) for t in kv_]
         self._model_sinks = kv_ if self.has_sinks else None
         self.compiled = None  # the compiled step, once built
+        self._compiled_ok = False
         self.fused_int8 = False
 
     def sink_kv(self, i: int):
@@ -293,8 +290,26 @@ class LeanDecoder(nn.Module):
         """One decode step of every row (``tokens [B]``); returns logits ``[B, V]``."""
         state.ensure_room(1)
         tokens = tokens.view(-1).to(state.next_pos.device)
-        fn = self.compiled if self.compiled is not None else self.forward
-        logits = fn(tokens, state.next_pos, *self._args(state))
+        args = (tokens, state.next_pos, *self._args(state))
+        if self.compiled is None:
+            logits = self.forward(*args)
+        else:
+            for t in (args[0], args[1], *args[2], *(r[0] for r in args[3]), *args[4], *args[5]):
+                torch._dynamo.maybe_mark_dynamic(t, 0)  # rows come and go (the server's batch)
+            for t in args[4] + args[5]:
+                torch._dynamo.maybe_mark_dynamic(t, 1)  # ring sizes grow
+            try:
+                logits = self.compiled(*args)
+            except Exception as e:
+                if self._compiled_ok:
+                    raise
+                # compiling failed (no C++ compiler, an unsupported build...): nothing ran yet
+                log.warning("lean decode: torch.compile failed (%s: %s); running eagerly", type(e).__name__,
+                            str(e).splitlines()[0] if str(e) else "")
+                self.compiled, self.fused_int8 = None, False
+                logits = self.forward(*args)
+            else:
+                self._compiled_ok = True
         state.stream_len += 1
         state.max_pos += 1
         return logits
@@ -315,5 +330,5 @@ class LeanDecoder(nn.Module):
             return False
         self.fused_int8 = True
         self.compiled = torch.compile(self.forward, dynamic=None, fullgraph=False)
-        self._compiled_checked = False
+        self._compiled_ok = False
         return True

@@ -21,6 +21,11 @@ from torch import nn
 from spikingbrain.errors import SpikingBrainError
 
 WEIGHT_FORMATS = ("float", "int8", "int4")
+
+
+class Unsupported(SpikingBrainError):
+    """This model cannot run the lean step (the reason is the message)."""
+
 INT4_GROUP = 32
 
 
@@ -45,7 +50,7 @@ def read_linear(module: nn.Module):
             codes = qw.int_repr(), qw.q_per_channel_scales().float()
         w = qw.dequantize().float()
     else:
-        raise SpikingBrainError(f"lean decode cannot read a {type(module).__name__} layer's weights")
+        raise Unsupported(f"lean decode cannot read a {type(module).__name__} layer's weights")
     return w, None if b is None else b.detach().float(), codes
 
 

@@ -107,9 +107,15 @@ class PerRowAdapter(_Adapter):
 
 
 def make_adapter(model):
-    """The adapter for ``model``: batched for SpikingBrain, per-row for other HF models."""
+    """The adapter for ``model``: batched for SpikingBrain (its decode steps on the lean step when
+    ``spikingbrain.decode.enable_lean`` attached one), per-row for other HF models."""
     from spikingbrain.modeling import SpikingBrainForCausalLM
 
     if isinstance(model, SpikingBrainForCausalLM):
+        decoder = model.__dict__.get("lean_decoder")
+        if decoder is not None:
+            from spikingbrain.decode.adapter import LeanAdapter
+
+            return LeanAdapter(model, decoder)
         return SpikingBrainAdapter(model)
     return PerRowAdapter(model)

@@ -20,6 +20,17 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8", action="store_true", help="CPU fast path: int8 linears (dynamic quantization), LM head included; the fastest decode on CPU")
     p.add_argument("--prefill-chunk", type=int, default=512, metavar="N",
                    help="feed long prompts N tokens at a time (bounded memory)")
+    g = p.add_argument_group("decode step (SpikingBrain models)")
+    g.add_argument("--no-lean", dest="lean", action="store_false",
+                   help="decode with the model's own forward instead of the lean one-token step")
+    g.add_argument("--int4", action="store_true",
+                   help="lean step with int4 weights (groups of 32; prefill keeps the loaded weights)")
+    g.add_argument("--kv", choices=["fp32", "bf16", "int8"], default=None,
+                   help="dtype of the lean step's attention window (default: the model's dtype; bf16 with --int8)")
+    g.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="torch.compile the lean step (the first step then compiles, minutes on 2 cores, cached "
+                        "on disk); default for serve")
+    g.add_argument("--no-compile", dest="compile", action="store_false", help="run the lean step eagerly")
 
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -77,7 +88,21 @@ def _load(args):
 
     if args.prefill_chunk < 1:
         raise SpikingBrainError("--prefill-chunk must be >= 1")
-    return load_model(args.model, dtype=args.dtype, int8=args.int8)
+    model, tokenizer, path = load_model(args.model, dtype=args.dtype, int8=args.int8)
+    if not args.lean:
+        if args.int4 or args.kv:
+            raise SpikingBrainError("--int4 and --kv set the lean step; do not combine them with --no-lean")
+        return model, tokenizer, path
+    from spikingbrain.decode.adapter import enable_lean
+
+    compile_default = args.func is cmd_serve  # a long-lived server pays the compile once
+    why = enable_lean(model, weights="int4" if args.int4 else None, kv=args.kv,
+                      compile=compile_default if args.compile is None else args.compile)
+    if why is not None:
+        if args.int4 or args.kv:
+            raise SpikingBrainError(f"--int4/--kv need the lean decode step, which this model cannot use: {why}")
+        print(f"note: decoding with the model's own step ({why})", file=sys.stderr)
+    return model, tokenizer, path
 
 
 def cmd_generate(args) -> int:
