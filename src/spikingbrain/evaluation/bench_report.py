@@ -191,11 +191,16 @@ def _prefill(v: View, d: dict) -> None:
         v.summary.append("Settings: " + ", ".join(e for e in extra if e) + ".")
 
 
+def _per_setting(name: str) -> bool:
+    """decode.py's columns of one setting (``teacher_bf16``, ``llama_cpp_fa_on``): the JSON keeps
+    them, the views show each system's best (``teacher``, ``llama_cpp``)."""
+    return name.startswith(("teacher_fp", "teacher_bf", "llama_cpp_fa_"))
+
+
 def _decode(v: View, d: dict) -> None:
     rows = d["rows"]
     # per-setting columns (teacher_fp32, llama_cpp_fa_on, ...) stay in the JSON; the table shows the best
-    models = [k[:-3] for k in rows[0] if k.endswith("_ms") and not k.startswith(("teacher_", "llama_cpp_fa_"))] \
-        if rows else []
+    models = [k[:-3] for k in rows[0] if k.endswith("_ms") and not _per_setting(k[:-3])] if rows else []
     sb = [m for m in models if m != "teacher" and m != "llama_cpp"]
     # (numerator, denominator) pairs: > 1 means the denominator is faster
     pairs = [(b, m) for b in ("teacher", "llama_cpp") if b in models for m in sb]
@@ -413,7 +418,7 @@ def _plot_decode(d: dict, png: Path, title: str) -> None:
     plt = _plt()
     rows = d["rows"]
     models = list(dict.fromkeys(k[:-3] for r in rows for k in r
-                                if k.endswith("_ms") and not k.startswith(("teacher_", "llama_cpp_fa_"))))
+                                if k.endswith("_ms") and not _per_setting(k[:-3])))
     fig, ax = plt.subplots(figsize=(6, 4.2))
     labels = {"teacher": "teacher (Transformer)", "sb_fp32": "SpikingBrain fp32", "sb_bf16": "SpikingBrain bf16",
               "sb_int8": "SpikingBrain int8", "llama_cpp": "llama.cpp (teacher GGUF)",
