@@ -95,3 +95,18 @@ def test_lean_state_bytes_are_reported(lean_model, tokenizer):
                SamplingParams(max_new_tokens=3))
     assert isinstance(s.state, LeanState)
     assert s.adapter.nbytes(s.state) == s.state.nbytes() > 0
+
+
+def test_lean_default_respects_the_memory_bound(sb_model):
+    from spikingbrain.decode.adapter import extra_bytes, lean_decoder
+    from spikingbrain.serve.quantize import quantize_int8
+
+    model = quantize_int8(copy.deepcopy(sb_model))[0]
+    need = extra_bytes(model, "int8")
+    assert need > 0 and extra_bytes(sb_model, "float") == 0
+    assert "GiB" in enable_lean(model, max_extra_bytes=need - 1) and lean_decoder(model) is None
+    assert enable_lean(model, max_extra_bytes=need) is None and lean_decoder(model).weights == "int8"
+    plain = copy.deepcopy(sb_model)
+    assert enable_lean(plain) is None  # float weights: the model's own tensors, shared
+    dec = lean_decoder(plain)
+    assert dec.head.weight.data_ptr() == plain.lm_head.weight.data_ptr()

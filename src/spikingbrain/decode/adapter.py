@@ -24,14 +24,37 @@ def default_kv(model, weights: str) -> str:
     return "bf16" if p is not None and p.dtype == torch.bfloat16 else "fp32"
 
 
-def enable_lean(model, weights: str | None = None, kv: str | None = None, compile: bool = False) -> str | None:
+def _quantized(m) -> bool:
+    return type(m).__module__.startswith("torch.ao.nn.quantized") and type(m).__name__ == "Linear"
+
+
+def extra_bytes(model, weights: str) -> int:
+    """Memory the lean step's packed weights add to the model's: none for float weights in the
+    model's dtype (shared), a copy of the codes for int8/int4 (dynamic int8 layers keep theirs
+    packed for fbgemm, which the int8 kernel cannot read)."""
+    per = {"float": 0.0, "int8": 1.0, "int4": 0.5}[weights]
+    n = 0
+    for m in model.modules():
+        if type(m) is torch.nn.Linear:
+            n += m.weight.numel()
+        elif _quantized(m):
+            n += m.in_features * m.out_features
+    return int(n * per)
+
+
+def enable_lean(model, weights: str | None = None, kv: str | None = None, compile: bool = False,
+                max_extra_bytes: int | None = None) -> str | None:
     """Attach a lean decode step to ``model``; returns None, or the reason it was not attached
     (the model's own step is used then). ``weights`` None: ``int8`` if the model's linears are
-    int8 already, else ``float``."""
+    int8 already, else ``float``. ``max_extra_bytes``: refuse when the packed weights would add
+    more memory than this (a 7B in int8 would need 7 GB more)."""
     if weights is None:
-        quantized = any(type(m).__module__.startswith("torch.ao.nn.quantized") or type(m).__name__ == "Int8Linear"
-                        for m in model.modules())
+        quantized = any(_quantized(m) or type(m).__name__ == "Int8Linear" for m in model.modules())
         weights = "int8" if quantized else "float"
+    extra = extra_bytes(model, weights)
+    if max_extra_bytes is not None and extra > max_extra_bytes:
+        return (f"its {weights} weights would add {extra / 2**30:.1f} GiB to the model's memory; "
+                "pass --lean to use it anyway")
     try:
         dec = LeanDecoder(model, weights=weights, kv=kv or default_kv(model, weights))
     except Unsupported as e:

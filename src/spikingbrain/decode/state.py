@@ -179,6 +179,7 @@ class LeanState:
         return cache
 
     # ------------------------------------------------------------------ growth and batching
+    @torch.inference_mode()  # every buffer an inference tensor, as from_cache makes them (one compiled graph)
     def ensure_room(self, steps: int = 1) -> None:
         """Grow the rings so positions up to ``max_pos + steps`` have their own slot."""
         for kind, sl in self.slots.items():
@@ -199,6 +200,7 @@ class LeanState:
                     None if ring.ks is None else torch.nn.functional.pad(ring.ks, (0, pad), value=1.0),
                     None if ring.vs is None else torch.nn.functional.pad(ring.vs, (0, pad), value=1.0))
 
+    @torch.inference_mode()
     def select(self, rows) -> "LeanState":
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.next_pos.device)
         return LeanState(self.next_pos[rows], self.stream_len[rows],
@@ -208,6 +210,7 @@ class LeanState:
                         int(self.next_pos[rows].max()) if rows.numel() else 0)
 
     @staticmethod
+    @torch.inference_mode()
     def cat(states: list["LeanState"]) -> "LeanState":
         if len(states) == 1:
             return states[0]

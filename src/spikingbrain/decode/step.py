@@ -297,7 +297,11 @@ class LeanDecoder(nn.Module):
             for t in (args[0], args[1], *args[2], *(r[0] for r in args[3]), *args[4], *args[5]):
                 torch._dynamo.maybe_mark_dynamic(t, 0)  # rows come and go (the server's batch)
             for t in args[4] + args[5]:
-                torch._dynamo.maybe_mark_dynamic(t, 1)  # ring sizes grow
+                torch._dynamo.maybe_mark_dynamic(t, 1)  # ring sizes grow: one graph for all of them
+            for ring in args[3]:
+                torch._dynamo.maybe_mark_dynamic(ring[0], 3)
+                for t in ring[1:]:
+                    torch._dynamo.maybe_mark_dynamic(t, 2)
             try:
                 logits = self.compiled(*args)
             except Exception as e:

@@ -30,17 +30,17 @@ INT4_GROUP = 32
 
 
 def read_linear(module: nn.Module):
-    """``(weight [out, in] fp32, bias | None, codes)`` of a plain, int8 or dynamic-int8 linear;
+    """``(weight [out, in], bias | None, codes)`` of a plain, int8 or dynamic-int8 linear;
     ``codes`` is ``(int8 [out, in], scale [out])`` when the layer is int8 already (reused as
-    they are, so the lean step computes with exactly the model's weights), else None."""
+    they are, so the lean step computes with exactly the model's weights; ``weight`` is then
+    None, not to hold a float copy of a large model), else None."""
     from spikingbrain.serve.quantize import Int8Linear
 
-    codes = None
+    codes = w = None
     if type(module) is nn.Linear:
-        w, b = module.weight.detach().float(), module.bias
+        w, b = module.weight.detach(), module.bias
     elif isinstance(module, Int8Linear):
-        codes = module.qweight, module.scale.reshape(-1).float()
-        w, b = codes[0].float() * codes[1][:, None], module.bias
+        codes, b = (module.qweight, module.scale.reshape(-1).float()), module.bias
     elif type(module).__name__ == "Linear" and type(module).__module__.startswith("torch.ao.nn.quantized"):
         qw, b = module.weight(), module.bias()
         if qw.qscheme() in (torch.per_tensor_symmetric, torch.per_tensor_affine) and qw.q_zero_point() == 0:
@@ -48,10 +48,15 @@ def read_linear(module: nn.Module):
         elif qw.qscheme() in (torch.per_channel_symmetric, torch.per_channel_affine) and \
                 bool((qw.q_per_channel_zero_points() == 0).all()):
             codes = qw.int_repr(), qw.q_per_channel_scales().float()
-        w = qw.dequantize().float()
+        else:
+            w = qw.dequantize()
     else:
         raise Unsupported(f"lean decode cannot read a {type(module).__name__} layer's weights")
     return w, None if b is None else b.detach().float(), codes
+
+
+def _float(w, codes) -> torch.Tensor:
+    return w.float() if w is not None else codes[0].float() * codes[1][:, None]
 
 
 def int8_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +82,7 @@ def read_linears(modules: list[nn.Module]):
     parts = [read_linear(m) for m in modules]
     if len(parts) == 1:
         return parts[0]
-    w = torch.cat([p[0] for p in parts])
+    w = None if all(p[2] is not None for p in parts) else torch.cat([_float(p[0], p[2]) for p in parts])
     if len({p[1] is None for p in parts}) != 1:
         raise SpikingBrainError("lean decode: layers fused into one matmul must all have a bias or none")
     b = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
@@ -96,18 +101,19 @@ class PackedLinear(nn.Module):
         if fmt not in WEIGHT_FORMATS:
             raise SpikingBrainError(f"weight format must be one of {WEIGHT_FORMATS}, got {fmt!r}")
         w, b, codes = read_linears(modules)
-        self.fmt, self.out_features, self.in_features = fmt, w.shape[0], w.shape[1]
+        shape = w.shape if w is not None else codes[0].shape
+        self.fmt, self.out_features, self.in_features = fmt, shape[0], shape[1]
         self.bias = None if b is None else nn.Buffer(b)
         if fmt == "int4" and self.in_features % INT4_GROUP:
             fmt = self.fmt = "int8"  # the kernel needs whole groups
-        if fmt == "float":
-            self.weight = nn.Buffer(w.to(compute_dtype))
+        if fmt == "float":  # the model's own tensor when its dtype fits: no copy
+            self.weight = nn.Buffer(w if w is not None and w.dtype == compute_dtype else _float(w, codes).to(compute_dtype))
         elif fmt == "int8":
-            codes, scale = codes if codes is not None else int8_codes(w)
+            codes, scale = codes if codes is not None else int8_codes(w.float())
             self.weight = nn.Buffer(codes.contiguous())
             self.scale = nn.Buffer(scale.to(torch.bfloat16))
         else:
-            codes, scale, zero = int4_codes(w)
+            codes, scale, zero = int4_codes(_float(w, codes))
             self.weight = nn.Buffer(torch._convert_weight_to_int4pack_for_cpu(codes, 1))
             self.scale_zero = nn.Buffer(torch.stack([scale.t(), zero.t()], -1).to(torch.bfloat16).contiguous())
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from spikingbrain.errors import SpikingBrainError
 
 API_KEY_ENV = "SPIKINGBRAIN_API_KEY"
+LEAN_DEFAULT_MAX_EXTRA = 2 << 30  # the lean step is on by default while its weights add at most this
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -21,6 +22,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=int, default=512, metavar="N",
                    help="feed long prompts N tokens at a time (bounded memory)")
     g = p.add_argument_group("decode step (SpikingBrain models)")
+    g.add_argument("--lean", dest="lean", action="store_true", default=None,
+                   help="decode with the lean one-token step (default, unless its packed weights would add more "
+                        "than 2 GiB of memory: a large model with --int8)")
     g.add_argument("--no-lean", dest="lean", action="store_false",
                    help="decode with the model's own forward instead of the lean one-token step")
     g.add_argument("--int4", action="store_true",
@@ -89,15 +93,17 @@ def _load(args):
     if args.prefill_chunk < 1:
         raise SpikingBrainError("--prefill-chunk must be >= 1")
     model, tokenizer, path = load_model(args.model, dtype=args.dtype, int8=args.int8)
-    if not args.lean:
+    if args.lean is False:
         if args.int4 or args.kv:
             raise SpikingBrainError("--int4 and --kv set the lean step; do not combine them with --no-lean")
         return model, tokenizer, path
     from spikingbrain.decode.adapter import enable_lean
 
     compile_default = args.func is cmd_serve  # a long-lived server pays the compile once
+    forced = args.lean or args.int4 or args.kv
     why = enable_lean(model, weights="int4" if args.int4 else None, kv=args.kv,
-                      compile=compile_default if args.compile is None else args.compile)
+                      compile=compile_default if args.compile is None else args.compile,
+                      max_extra_bytes=None if forced else LEAN_DEFAULT_MAX_EXTRA)
     if why is not None:
         if args.int4 or args.kv:
             raise SpikingBrainError(f"--int4/--kv need the lean decode step, which this model cannot use: {why}")
