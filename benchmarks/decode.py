@@ -75,6 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--flash-attn", default="on,off", help="llama.cpp flash_attn settings to time (the faster is kept)")
     p.add_argument("--batch-sizes", default="", help="e.g. 1,4,16: batched decode throughput (empty: skip)")
     p.add_argument("--batch-context", type=int, default=1024)
+    p.add_argument("--batch-variants", default="lean_int8", help="lean variants timed in the batch part")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--device", default="cpu", help="device of the teacher and the model's own step (lean and "
                    "llama.cpp: CPU)")
@@ -272,7 +273,7 @@ def main(argv=None) -> int:
         for B in batch_sizes:
             got = {}
             for v, (m, dec) in variants.items():
-                if dec is not None:
+                if dec is not None and v in args.batch_variants.split(","):
                     with meter.segment(f"r{r} B{B} {v}"):
                         got[v] = record(("batch", B, v), time_variant(m, dec, args.batch_context, args.tokens,
                                                                        args.warmup, rows=B))
