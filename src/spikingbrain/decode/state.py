@@ -7,12 +7,12 @@ window's dtype (fp32, bf16, or int8 with one fp32 scale per key/value vector, ``
 Every layer of one kind (``swa`` or ``full``) writes the same slots, so the slots' positions and
 valid flags ``[B, C]`` are kept once per kind.
 
-A token at position ``p`` goes to slot ``p % C``. Sliding-window rings have ``C = min(w,
-2^n)`` slots, the smallest power of two above every position so far while that is below ``w``
-(a 1k-token chat reads 1k slots, not ``w``); full attention has ``C = 2^n`` above every
-position. While ``C < w`` every position is below ``C``, so growing a ring is zero-padding it:
-no key moves. Growing happens on the host, between steps, from a count of steps kept on the host
-(no device sync): the step itself only sees fixed shapes.
+A token at position ``p`` goes to slot ``p % C``. Sliding-window rings have ``C = min(w, n)``
+slots, ``n`` the smallest multiple of ``SLOT_GRAIN`` above every position so far (a 1k-token
+chat reads ~1k slots, not ``w``); full attention has ``C = n``. While ``C < w`` every position
+is below ``C``, so growing a ring is zero-padding it: no key moves. Growing happens on the host,
+between steps, from a count of steps kept on the host (no device sync): the step itself only
+sees fixed shapes (the compiled step treats ``C`` as a dynamic size: one graph for all).
 
 The rules are those of ``spikingbrain/cache.py`` (the mask ``valid & pos <= p & pos > p - w``),
 restricted to what decoding needs: one real token per row per step, continuing its document.
@@ -26,14 +26,12 @@ import torch
 from spikingbrain.errors import SpikingBrainError
 
 KV_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
-MIN_SLOTS = 64
+SLOT_GRAIN = 256  # rings grow by this many slots (a pad of every ring every 256 tokens)
 
 
 def slots_for(max_pos: int, window: int | None) -> int:
     """Ring size holding positions ``0 .. max_pos`` (while below the window)."""
-    c = MIN_SLOTS
-    while c <= max_pos:
-        c *= 2
+    c = (max_pos // SLOT_GRAIN + 1) * SLOT_GRAIN
     return c if window is None else min(window, c)
 
 
