@@ -5,6 +5,10 @@ and llama.cpp threads spin and wait for descheduled peers (1.4-2.4x slower was s
 ``LoadMeter`` samples the machine's busy time (``/proc/stat``) and this process's own CPU time
 (``/proc/self/stat``, all its threads) around each timed segment; their difference is what the
 rest of the machine used, reported in cores (1.0 = one core busy for the whole segment).
+
+Both counters tick at ``SC_CLK_TCK`` (100 Hz) and are sampled independently, so a segment's
+difference is uncertain by a few ticks: in a 0.25 s segment 3 ticks already read as 0.12 cores.
+A segment is judged only on the ticks beyond ``SLACK_TICKS``.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import os
 import time
 
 TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+SLACK_TICKS = 4  # sampling uncertainty of the two tick counters (see the module docstring)
 
 
 def _machine_busy() -> int | None:
@@ -74,6 +79,7 @@ class _Segment:
             return False
         seconds = time.perf_counter() - self.t0
         other_ticks = (_machine_busy() - self.m0) - (_own_busy() - self.o0)
-        cores = max(0.0, other_ticks / TICKS / seconds) if seconds > 0 else 0.0
-        self.meter.segments.append({"name": self.name, "seconds": round(seconds, 3), "other_cores": round(cores, 3)})
+        cores = max(0, other_ticks - SLACK_TICKS) / TICKS / seconds if seconds > 0 else 0.0
+        self.meter.segments.append({"name": self.name, "seconds": round(seconds, 3), "other_ticks": other_ticks,
+                                    "other_cores": round(cores, 3)})
         return False
