@@ -215,13 +215,14 @@ def _decode(v: View, d: dict) -> None:
         cells += [fmt(1000 / r[f"{m}_ms"]) if r.get(f"{m}_ms") else "-" for m in sb[:1]]
         table.append(cells)
     v.tables.append(Table(cols, table))
-    if rows and sb and rows[-1].get(f"{sb[0]}_ms"):
-        first, last = rows[0], rows[-1]
+    trows = [r for r in rows if r.get("teacher_ms") and sb and r.get(f"{sb[0]}_ms")]  # teachers stop earlier
+    if trows:
+        first, last = trows[0], trows[-1]
         m = sb[0]
         v.summary.append(f"At context {last['context']}: teacher {fmt(last['teacher_ms'])} ms/token, SpikingBrain "
                          f"({m}) {fmt(last[f'{m}_ms'])} ms/token: {ratio(last['teacher_ms'] / last[f'{m}_ms'])} "
                          "(teacher / SpikingBrain; > 1: SpikingBrain faster).")
-        if len(rows) > 1:
+        if len(trows) > 1:
             g_t = last["teacher_ms"] / first["teacher_ms"]
             g_s = last[f"{m}_ms"] / first[f"{m}_ms"]
             v.summary.append(f"From context {first['context']} to {last['context']} the teacher's ms/token changes "
