@@ -129,24 +129,24 @@ def test_state_bytes_reported_while_running(sb_model, tokenizer):
 
 
 def test_spike_sparsity_is_averaged_over_the_request_steps(sb_model, tokenizer):
-    """The engine reads the monitor around every decode step and reports the mean over the
-    request's steps (a stand-in monitor with known values, to check the arithmetic)."""
-    from spikingbrain.serve.spikes import SpikeProbe, make_spike_probe
+    """The engine reads each row's figure after every decode step and reports the mean over
+    that request's steps (a stand-in probe with known per-row values, to check the arithmetic)."""
+    from spikingbrain.serve.spikes import make_spike_probe
 
     assert make_spike_probe(sb_model) is None  # not spiking: no figure, no probe
 
-    class Monitor:
+    class Probe:
         def __init__(self):
             self.step = 0
 
         def reset(self):
             self.step += 1
 
-        def report(self):
-            return {"total": {"values": 10, "sparsity": 0.5 + 0.01 * self.step}}
+        def rows(self, batch):
+            return [0.5 + 0.01 * self.step + 0.1 * r for r in range(batch)]
 
     ids = tokenizer("Hello", add_special_tokens=False)["input_ids"]
-    engine = Engine(sb_model, tokenizer, spike_probe=SpikeProbe(Monitor())).start()
+    engine = Engine(sb_model, tokenizer, spike_probe=Probe()).start()
     try:
         events = queue.Queue()
         engine.submit(ids, SamplingParams(max_new_tokens=5), events.put)
@@ -159,7 +159,7 @@ def test_spike_sparsity_is_averaged_over_the_request_steps(sb_model, tokenizer):
                 info = ev.info
     finally:
         engine.stop()
-    # 5 tokens: the first comes from the prefill, then 4 decode steps with 0.51 .. 0.54
+    # 5 tokens: the first comes from the prefill, then 4 decode steps with 0.51 .. 0.54 (row 0)
     assert info["spike_sparsity"] == pytest.approx(sum(0.5 + 0.01 * s for s in range(1, 5)) / 4)
     assert live and all(0.5 < x < 0.55 for x in live)
 

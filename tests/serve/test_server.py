@@ -7,6 +7,7 @@ import time
 from urllib.parse import urlparse
 
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from spikingbrain.serve.generation import TextStreamer, chat_prompt_ids
 from spikingbrain.serve.sampling import SamplingParams
@@ -116,17 +117,19 @@ def test_sixteen_concurrent_streaming_clients_get_their_own_answers(client, sb_m
         assert finish == "length"
     assert len({"".join(o[0]) for o in out}) > 1
     # the decode steps really were batched
-    m = requests.get(client.base_url.scheme + "://" + client.base_url.host + f":{client.base_url.port}/metrics").text
-    batched = sum(int(v) for le, v in re.findall(r'decode_batch_size_bucket\{le="(\d+)"\} (\d+)', m) if le == "1")
-    total = int(re.search(r"spikingbrain_decode_batch_size_count (\d+)", m).group(1))
-    assert total > batched  # some steps had more than one sequence
+    m = requests.get(client.base_url.scheme + "://" + client.base_url.host + f":{client.base_url.port}/metrics",
+                     headers={"Authorization": f"Bearer {client.api_key}"}).text
+    samples = {(s.name, s.labels.get("le")): s.value for f in text_string_to_metric_families(m) for s in f.samples}
+    alone = samples[("spikingbrain_decode_batch_size_bucket", "1.0")]
+    total = samples[("spikingbrain_decode_batch_size_count", None)]
+    assert total > alone  # some steps had more than one sequence
 
 
 def test_models_health_metrics(server, client):
     assert [m.id for m in client.models.list().data] == ["tiny-sb"]
     assert requests.get(server.url + "/health").json() == {"status": "ok"}
     _chat(client, MSG, max_tokens=3)
-    text = requests.get(server.url + "/metrics").text
+    text = requests.get(server.url + "/metrics", headers={"Authorization": f"Bearer {server.api_key}"}).text
     for name in ("spikingbrain_requests_total", "spikingbrain_completion_tokens_total", "spikingbrain_prompt_tokens_total",
                  "spikingbrain_request_latency_seconds_count", "spikingbrain_decode_state_bytes",
                  "spikingbrain_time_to_first_token_seconds_sum"):
