@@ -5,9 +5,9 @@ raw logits, then temperature, then top-k, then top-p, then a draw from the softm
 temperature of 0 means greedy (argmax of the penalised logits); ties go to the lowest id.
 
 Numerically safe for every value ``SamplingParams`` accepts: everything runs in fp32, the
-penalised logits are clamped to finite values, and the best logit is subtracted before dividing
-by the temperature, so a temperature of 1e-300 gives ``0`` for the best token and ``-inf`` for the
-rest (greedy) instead of ``inf / inf``. Logits that are NaN (a broken model) raise
+penalised logits are clamped to finite values, the best logit is subtracted before dividing by
+the temperature (the best token is exactly 0, the others <= 0), and a temperature below
+``MIN_TEMPERATURE`` (which fp32 rounds to 0, giving 0/0) is greedy. Logits that are NaN (a broken model) raise
 ``SamplingError`` for that sequence only.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ from spikingbrain.errors import SpikingBrainError
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
 _FMAX = torch.finfo(torch.float32).max
 MAX_LOGPROBS = 20
+MIN_TEMPERATURE = 1e-5  # below: greedy (the draw would be greedy up to logit gaps of ~1e-5 anyway)
 
 
 class SamplingError(SpikingBrainError):
@@ -130,7 +131,7 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor
         raise SamplingError("the model produced NaN logits")
     logits = apply_repetition_penalty(logits, seen.to(logits.device), params.repetition_penalty)
     best = logits.max()
-    if params.temperature == 0.0 or not torch.isfinite(best):
+    if params.temperature < MIN_TEMPERATURE or not torch.isfinite(best):
         return int(torch.argmax(logits))
     # shift first: the best token is exactly 0 at any temperature, the others <= 0 (or -inf)
     shifted = (logits - best) / params.temperature
