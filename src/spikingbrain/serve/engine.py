@@ -190,7 +190,8 @@ class Engine:
         with self._cond:
             if self._stop or self._drain_deadline is not None:
                 raise ShuttingDown(SHUTDOWN_MESSAGE)
-            if len(self._waiting) >= self.max_waiting:
+            free = max(0, self.max_batch - len(self._running) - len(self._prefilling))  # not admitted yet
+            if len(self._waiting) >= self.max_waiting + free:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting; try again later",
                                 retry_after=1 + len(self._waiting) // self.max_batch)
             self._waiting.append(job)
@@ -380,9 +381,11 @@ class Engine:
             return False
         if job.remaining > 0:
             return False
-        with self._cond:
-            self._prefilling.remove(job)
-        return not self._sample(job, logits)
+        over = self._sample(job, logits)
+        if over:  # else it stays counted in _prefilling until _join moves it (no free slot appears)
+            with self._cond:
+                self._prefilling.remove(job)
+        return not over
 
     def _record_prompt_logprobs(self, job: _Job, ids: torch.Tensor, rows: torch.Tensor) -> None:
         """Log-probability of each prompt token given the ones before it (echo + logprobs)."""
@@ -397,10 +400,12 @@ class Engine:
     def _join(self, jobs: list[_Job]) -> None:
         states = ([self._batch] if self._batch is not None else []) + [j.state for j in jobs]
         self._batch = self.adapter.cat(states)
-        for j in jobs:
-            j.state = None  # the batch owns it now
-            j.last_lp = None
-            self._running.append(j)
+        with self._cond:
+            for j in jobs:
+                j.state = None  # the batch owns it now
+                j.last_lp = None
+                self._prefilling.remove(j)
+                self._running.append(j)
 
     def _decode_step(self) -> None:
         tokens = torch.tensor([j.last_token for j in self._running], dtype=torch.long)

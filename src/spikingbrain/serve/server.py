@@ -156,14 +156,17 @@ def create_app(model, tokenizer, model_name: str = "spikingbrain", api_key: str 
             raise APIError(413, f"request body is {length} bytes; the limit is {limits.max_request_bytes}",
                            code="request_too_large")
         raw = bytearray()
+
+        async def read_all() -> None:
+            async for piece in request.stream():  # bounded read: stop as soon as the limit is passed
+                raw.extend(piece)
+                if len(raw) > limits.max_request_bytes:
+                    raise APIError(413, f"request body exceeds {limits.max_request_bytes} bytes",
+                                   code="request_too_large")
+
         try:
-            with anyio.fail_after(limits.body_timeout_s):
-                async for piece in request.stream():  # bounded read: stop as soon as the limit is passed
-                    raw += piece
-                    if len(raw) > limits.max_request_bytes:
-                        raise APIError(413, f"request body exceeds {limits.max_request_bytes} bytes",
-                                       code="request_too_large")
-        except TimeoutError:
+            await asyncio.wait_for(read_all(), limits.body_timeout_s)
+        except asyncio.TimeoutError:
             raise APIError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s",
                            code="request_timeout") from None
         return bytes(raw)
@@ -323,27 +326,35 @@ def create_app(model, tokenizer, model_name: str = "spikingbrain", api_key: str 
         return APIError(500, ev.text, "server_error")
 
     async def wait_all(request: Request, submitted: list) -> list[dict]:
-        """The ``done`` infos of every submitted request, in order; all are cancelled when the
-        client disconnects or any of them fails."""
+        """The ``done`` infos of every submitted request, in order; all are cancelled as soon as
+        the client disconnects or any of them fails."""
         infos: list[dict | None] = [None] * len(submitted)
+        gone = asyncio.ensure_future(wait_disconnect(request))
         try:
             for i, (handle, events) in enumerate(submitted):
                 while infos[i] is None:
-                    try:
-                        ev = await asyncio.wait_for(events.get(), timeout=0.25)
-                    except asyncio.TimeoutError:
-                        if await request.is_disconnected():
-                            raise APIError(499, "client disconnected", code="client_closed_request") from None
-                        continue
+                    get = asyncio.ensure_future(events.get())
+                    await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                    if not get.done():
+                        get.cancel()
+                        raise APIError(499, "client disconnected", code="client_closed_request")
+                    ev = get.result()
                     if ev.kind == "done":
                         infos[i] = ev.info
                     elif ev.kind == "error":
                         raise event_error(ev)
             return infos
         finally:
+            gone.cancel()
             for (handle, _), info in zip(submitted, infos):
                 if info is None:
                     handle.cancel()
+
+    async def wait_disconnect(request: Request) -> None:
+        """Returns when the client has gone (the body was read already, so the next ASGI
+        message is the disconnect)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
