@@ -118,6 +118,7 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
         probs = sorted_logits.softmax(-1)
         # drop a token when the mass strictly before it already reaches top_p
         drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop_sorted[0] = False  # a top_p that fp32 rounds to 0 must still keep the best token
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
