@@ -338,13 +338,8 @@ class Engine:
                 if take > 0:
                     share[id(j)] = share.get(id(j), 0) + take
                     left -= take
-        plan, used = [], 0
-        for j in jobs:
-            n = share.get(id(j), 0)
-            if n > 0 and used < budget:
-                plan.append((j, n))
-                used += n
-        return plan
+        # closest to done first: a short prompt's first token is not queued behind a long chunk
+        return sorted(((j, share[id(j)]) for j in jobs if share.get(id(j), 0) > 0), key=lambda p: p[0].remaining)
 
     def _prefill_within_budget(self) -> list[_Job]:
         """Prefill this iteration's share of every prompt; returns the jobs now ready to decode."""
