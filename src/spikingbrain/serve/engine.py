@@ -10,11 +10,13 @@ One background thread owns the model. Each loop iteration it
 5. drops finished and cancelled rows (``adapter.select``).
 
 Scheduling policy (why: one long prompt must not stall everyone's stream): while sequences are
-decoding, one iteration prefills at most ``prefill_budget`` prompt tokens minus one per decoding
+decoding, one iteration prefills about ``prefill_budget`` prompt tokens minus one per decoding
 row (never less than a quarter of the budget), so a decode step is never delayed by more than a
-short prefill; a quarter of that goes to the oldest prompt (it always progresses), the rest to
-the prompts closest to done (a short prompt joins at the next step even while an 8k-token one
-is being read). With nothing decoding, prompts are read ``prefill_chunk`` tokens at a time.
+short prefill: first every prompt that fits in what is left, closest to done first (a short
+prompt starts at the next step even while an 8k-token one is being read), then one chunk of the
+oldest unfinished prompt, at least a quarter of the budget (it always progresses). With nothing
+decoding, the same with ``prefill_chunk`` as the budget, the partial chunk going to the prompt
+closest to done.
 
 Failure isolation: an error while prefilling or sampling one sequence (NaN logits, a broken
 tokenizer) fails that sequence alone with an ``error`` event; only an error of the batched
@@ -319,27 +321,29 @@ class Engine:
         self._batch = self.adapter.select(self._batch, keep) if keep else None
 
     def _plan_prefill(self, jobs: list[_Job]) -> list[tuple[_Job, int]]:
-        """``(job, tokens)`` to prefill this iteration (the policy in the module docstring)."""
+        """``(job, tokens)`` to prefill this iteration (the policy in the module docstring):
+        every prompt that fits in what is left of the budget, closest to done first, then one
+        partial chunk (each partial chunk is a forward of its own, so one per step at most)."""
         if not jobs:
             return []
-        if not self._running:
-            budget = self.prefill_chunk * max(1, len(jobs))  # nobody waits on a decode step
-            share = {id(j): min(j.remaining, self.prefill_chunk) for j in jobs}
-        else:
+        if self._running:
             budget = max(self.prefill_budget - len(self._running), max(1, self.prefill_budget // 4))
-            share = {}
-            oldest = jobs[0]
-            share[id(oldest)] = min(oldest.remaining, max(1, budget // 4))
-            left = budget - share[id(oldest)]
-            for j in sorted(jobs, key=lambda j: j.remaining):
-                if left <= 0:
-                    break
-                take = min(j.remaining - share.get(id(j), 0), left)
-                if take > 0:
-                    share[id(j)] = share.get(id(j), 0) + take
-                    left -= take
-        # closest to done first: a short prompt's first token is not queued behind a long chunk
-        return sorted(((j, share[id(j)]) for j in jobs if share.get(id(j), 0) > 0), key=lambda p: p[0].remaining)
+            floor = max(1, budget // 4)  # what the oldest prompt always gets
+        else:  # nobody waits on a decode step: read in full chunks
+            budget = floor = self.prefill_chunk
+        plan, left = [], budget
+        for j in sorted(jobs, key=lambda j: j.remaining):
+            if j.remaining > left:
+                break
+            plan.append((j, j.remaining))
+            left -= j.remaining
+        planned = {id(j) for j, _ in plan}
+        rest = [j for j in jobs if id(j) not in planned]
+        if rest:
+            # with decodes running the oldest progresses (no starvation); alone, the closest to done
+            j = rest[0] if self._running else min(rest, key=lambda j: j.remaining)
+            plan.append((j, min(j.remaining, max(left, floor))))
+        return plan
 
     def _prefill_within_budget(self) -> list[_Job]:
         """Prefill this iteration's share of every prompt; returns the jobs now ready to decode."""
