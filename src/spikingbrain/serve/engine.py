@@ -15,8 +15,11 @@ row (never less than a quarter of the budget), so a decode step is never delayed
 short prefill: first every prompt that fits in what is left, closest to done first (a short
 prompt starts at the next step even while an 8k-token one is being read), then one chunk of the
 oldest unfinished prompt, at least a quarter of the budget (it always progresses). With nothing
-decoding, the same with ``prefill_chunk`` as the budget, the partial chunk going to the prompt
-closest to done.
+decoding, whole prompts up to ``prefill_chunk`` tokens go in at once, and the partial chunk (of
+the prompt closest to done) is ``prefill_budget`` tokens: a long prompt is read in budget-sized
+chunks even alone, so a request arriving meanwhile waits for one short chunk, not a 512-token one
+(measured on 2 cores at 4.6k tokens of context: 64 tokens 0.21 s, 512 tokens 1.2 s, so reading
+an 8k prompt alone is ~35% slower this way).
 
 Failure isolation: an error while prefilling or sampling one sequence (NaN logits, a broken
 tokenizer) fails that sequence alone with an ``error`` event; only an error of the batched
@@ -329,8 +332,8 @@ class Engine:
         if self._running:
             budget = max(self.prefill_budget - len(self._running), max(1, self.prefill_budget // 4))
             floor = max(1, budget // 4)  # what the oldest prompt always gets
-        else:  # nobody waits on a decode step: read in full chunks
-            budget = floor = self.prefill_chunk
+        else:  # nobody waits on a decode step: whole prompts up to a full chunk
+            budget, floor = self.prefill_chunk, self.prefill_budget
         plan, left = [], budget
         for j in sorted(jobs, key=lambda j: j.remaining):
             if j.remaining > left:
@@ -342,7 +345,8 @@ class Engine:
         if rest:
             # with decodes running the oldest progresses (no starvation); alone, the closest to done
             j = rest[0] if self._running else min(rest, key=lambda j: j.remaining)
-            plan.append((j, min(j.remaining, max(left, floor))))
+            # never more than the budget: a request arriving meanwhile waits for this chunk
+            plan.append((j, min(j.remaining, max(min(left, self.prefill_budget), floor))))
         return plan
 
     def _prefill_within_budget(self) -> list[_Job]:
