@@ -58,6 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--idle-requests", type=int, default=20)
     p.add_argument("--int8", action="store_true", help="serve with --int8")
     p.add_argument("--serve-args", default="", help="extra `spikingbrain serve` flags (quoted)")
+    p.add_argument("--server-log", default=None, help="keep the server's log here")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 
@@ -220,7 +221,7 @@ def main(argv=None) -> int:
         port = free_port()
         cmd = [sys.executable, "-m", "spikingbrain.cli", "serve", str(model), "--port", str(port), "--log-level", "warning"]
         cmd += (["--int8"] if args.int8 else []) + args.serve_args.split()
-        log = tmp / "server.log"
+        log = Path(args.server_log) if args.server_log else tmp / "server.log"
         proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
                                 stdout=log.open("w"), stderr=subprocess.STDOUT)
         client = Client(port)
@@ -358,15 +359,21 @@ def main(argv=None) -> int:
         "benchmark": "serve_load",
         "command": " ".join([Path(sys.executable).name] + sys.argv),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "hardware": {"machine": platform.machine(), "cpus": os.cpu_count(), "processor": _cpu_name(),
-                     "python": platform.python_version()},
+        "hardware": f"{os.cpu_count()} CPU cores ({_cpu_name()}, {platform.machine()}), Python {platform.python_version()}",
+        "torch": _torch_version(),
         "model": model_desc,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "server_log")},
         "metric": "TTFT = client send -> first content chunk (or the finish of an empty answer) of a streaming chat "
                   "request (short prompt, greedy)",
         "idle": {"n": len(idle), "p50_ttft_s": pct(idle, 50), "p99_ttft_s": pct(idle, 99)},
         "under_load": {"n": len(load), "p50_ttft_s": pct(load, 50), "p99_ttft_s": pct(load, 99),
                        "max_ttft_s": max(load) if load else None},
+        "rows": [
+            {"phase": "idle (one request at a time)", "short_requests": len(idle), "p50_ttft_s": pct(idle, 50),
+             "p99_ttft_s": pct(idle, 99), "innocent_failed": 0},
+            {"phase": "under load", "short_requests": len(load), "p50_ttft_s": pct(load, 50), "p99_ttft_s": pct(load, 99),
+             "innocent_failed": innocent_failed},
+        ],
         "ratio_p99_load_over_idle": (pct(load, 99) / pct(idle, 99)) if load and idle else None,
         "ratio_p50_load_over_idle": (pct(load, 50) / pct(idle, 50)) if load and idle else None,
         "load_seconds": round(elapsed, 1),
@@ -387,6 +394,12 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).write_text(text + "\n")
     return 0
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
 
 
 def _cpu_name() -> str:

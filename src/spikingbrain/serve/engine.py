@@ -54,6 +54,7 @@ DEFAULT_PREFILL_BUDGET = 64
 DEFAULT_MAX_WAITING = 64
 ECHO_CHUNK = 64  # prompt-logprob requests keep [chunk, vocab] log-probabilities: keep it small
 SHUTDOWN_MESSAGE = "the server is shutting down"
+SLOW_STEP_S = 1.0  # an engine iteration longer than this is logged
 
 
 class QueueFull(SpikingBrainError):
@@ -235,17 +236,28 @@ class Engine:
             if overdue:
                 self._fail_all(SHUTDOWN_MESSAGE)
                 continue
+            t0 = time.perf_counter()
+            joined: list[_Job] = []
             try:
                 self._drop_cancelled()
+                t1 = time.perf_counter()
                 joined = self._prefill_within_budget()
+                t2 = time.perf_counter()
                 if joined:
                     self._join(joined)
+                t3 = time.perf_counter()
                 if self._running:
                     self._decode_step()
             except Exception as e:  # the batched forward failed: fail its rows, then go on
                 log.exception("engine step failed")
                 self._fail_all(f"generation failed: {type(e).__name__}: {e}")
+                t1 = t2 = t3 = t0
             self._update_state_bytes()
+            took = time.perf_counter() - t0
+            if took > SLOW_STEP_S:  # what stalls streams, for whoever tunes --prefill-budget
+                log.warning("slow engine step: %.2f s (drop %.2f, prefill %.2f, join %d %.2f, decode %d rows %.2f)",
+                            took, t1 - t0, t2 - t1, len(joined), t3 - t2,
+                            len(self._running), time.perf_counter() - t3)
         self._fail_all(SHUTDOWN_MESSAGE)
 
     def _emit(self, job: _Job, ev: Event) -> None:
@@ -288,6 +300,10 @@ class Engine:
             if job.handle.first_token_at is None:
                 job.handle.first_token_at = time.perf_counter()
                 job.decode_started = job.handle.first_token_at
+                wait = job.decode_started - job.handle.submitted
+                if wait > 2 * SLOW_STEP_S and len(job.seq.prompt_ids) <= self.prefill_budget:
+                    log.warning("request %s: first token after %.2f s for a %d-token prompt",
+                                job.handle.id, wait, len(job.seq.prompt_ids))
             job.last_token = token
             delta = job.seq.push(token)
         except Exception as e:
