@@ -32,8 +32,8 @@ import json
 import os
 import platform
 import random
+import shlex
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -357,7 +357,7 @@ def main(argv=None) -> int:
     innocent_failed = len(rec["short_fail"]) + len(rec["medium_fail"]) + len(rec["long_fail"])
     result = {
         "benchmark": "serve_load",
-        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "command": shlex.join([Path(sys.executable).name] + sys.argv),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "hardware": f"{os.cpu_count()} CPU cores ({_cpu_name()}, {platform.machine()}), Python {platform.python_version()}",
         "torch": _torch_version(),

@@ -116,7 +116,7 @@ def test_the_generator_lives_on_the_logits_device(monkeypatch, sb_model, tokeniz
 
     monkeypatch.setattr(torch, "Generator", recording)
     seq = Sequence([1, 2], SamplingParams(temperature=1.0, seed=3), tokenizer, set())
-    logits = torch.randn(VOCAB := 64)
+    logits = torch.randn(64)
     seq.choose(logits)
     assert [torch.device(d) for d in made] == [logits.device]
     assert seq.generator.device == logits.device

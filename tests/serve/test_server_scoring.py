@@ -1,6 +1,5 @@
 """Scoring over HTTP: ``echo`` + ``logprobs`` on /v1/completions with token-list prompts, and
 lm-eval's own ``local-completions`` model computing loglikelihoods against the server."""
-import json
 
 import pytest
 import requests

@@ -50,7 +50,7 @@ from spikingbrain.serve.sampling import SamplingParams
 
 log = logging.getLogger("spikingbrain.serve")
 
-DEFAULT_PREFILL_BUDGET = 64
+DEFAULT_PREFILL_BUDGET = 128  # benchmarks/serve_load.py: best p99 TTFT of {64, 128, 256} on 2 cores
 DEFAULT_MAX_WAITING = 64
 ECHO_CHUNK = 64  # prompt-logprob requests keep [chunk, vocab] log-probabilities: keep it small
 SHUTDOWN_MESSAGE = "the server is shutting down"
