@@ -30,6 +30,7 @@ def test_sigterm_ends_streams_cleanly_and_exits(sb_model_dir):
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
+            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]  # it died at start-up
             try:
                 if requests.get(url + "/health", timeout=1).status_code == 200:
                     break
