@@ -63,7 +63,7 @@ def register(sub) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
     p.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond --max-batch; more get 429")
     p.add_argument("--prefill-budget", type=int, default=128, metavar="N",
-                   help="prompt tokens read per decode step while others decode (long prompts cannot stall streams)")
+                   help="prompt tokens read per engine step; long prompts are read in chunks this size, so they cannot stall streams")
     p.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask for")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="longest prompt accepted (default: the model's max_position_embeddings)")
