@@ -18,7 +18,7 @@ from pathlib import Path
 
 from spikingbrain.errors import SpikingBrainError
 
-ORDER = ["prefill", "decode", "memory", "train", "moe", "context_parallel", "spiking", "serve_throughput", "official_7b"]
+ORDER = ["prefill", "decode", "memory", "train", "moe", "context_parallel", "spiking", "serve_throughput", "serve_load", "official_7b"]
 TITLES = {
     "prefill": "Prefill time vs prompt length",
     "decode": "Decode speed vs context",
@@ -28,11 +28,13 @@ TITLES = {
     "context_parallel": "Context-parallel prefill",
     "spiking": "Spiking sweep: perplexity, sparsity, energy vs k",
     "serve_throughput": "Serving throughput: spikingbrain serve vs vLLM",
+    "serve_load": "The server under load: time to first token, abandoned and hostile requests",
     "official_7b": "The released SpikingBrain-7B on a CPU: load, decode, state memory",
 }
 SCRIPTS = {"prefill": "benchmarks/prefill.py", "decode": "benchmarks/decode.py", "train": "benchmarks/train_throughput.py",
            "moe": "benchmarks/moe.py", "context_parallel": "benchmarks/context_parallel.py",
            "spiking": "benchmarks/spiking_sweep.py", "serve_throughput": "benchmarks/serve_throughput.py",
+           "serve_load": "benchmarks/serve_load.py",
            "official_7b": "benchmarks/official_7b.py"}
 NAME_ALIASES = {"context_parallel_prefill": "context_parallel", "train_throughput": "train", "spiking_sweep": "spiking"}
 
