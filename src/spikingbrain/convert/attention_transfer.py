@@ -55,6 +55,7 @@ def attention_transfer(
     progress: bool = True,
     train: str = "all",
     params: list | None = None,
+    elapsed_before: float = 0.0,
     start_step: int = 0,
     optimizer=None,
     on_step=None,
@@ -64,13 +65,15 @@ def attention_transfer(
 
     ``train``: ``"all"`` (q/k/v/o, gate, output norm) or ``"new"`` (only gate and output norm);
     ``params``: an explicit list instead (e.g. LoRA factors + gates + norms). Steps
-    ``start_step .. steps - 1`` run (or until ``time_budget_s``); step ``s`` draws its batch from
+    ``start_step .. steps - 1`` run, or until ``time_budget_s`` (for the whole run, of which
+    ``elapsed_before`` was spent before a resume; the LR schedule follows whichever of steps and
+    budget is further along). Step ``s`` draws its batch from
     a generator seeded by ``(seed, s)`` and its learning rate from ``s`` alone, so a run resumed
     with the checkpointed ``optimizer`` continues exactly. ``on_step(step + 1, optimizer, rec)``
     runs after each step. Returns the log: one dict per step with the mean normalised MSE over
     layers.
     """
-    from spikingbrain.train.distill import make_optimizer, trainable_only, warmup_cosine
+    from spikingbrain.train.distill import make_optimizer, progress_fraction, trainable_only, warmup_cosine
 
     layers = sorted(io)
     mixers = {i: student.model.layers[i].self_attn for i in layers}
@@ -89,8 +92,11 @@ def attention_transfer(
     start = time.time()
     bar = tqdm(total=steps, initial=start_step, desc="attention transfer", disable=not progress)
     for step in range(start_step, steps):
+        elapsed = elapsed_before + time.time() - start
+        if time_budget_s is not None and elapsed > time_budget_s:
+            break
         for g in opt.param_groups:
-            g["lr"] = lr * warmup_cosine(step, steps, warmup)
+            g["lr"] = lr * warmup_cosine(step, steps, warmup, done=progress_fraction(step, steps, elapsed, time_budget_s))
         idx = torch.randint(0, N, (batch_size,), generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
         total = 0.0
         opt.zero_grad(set_to_none=True)
@@ -104,14 +110,12 @@ def attention_transfer(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         rec = {"step": step + 1, "nmse": total / len(layers), "lr": opt.param_groups[0]["lr"],
-               "tokens": (step + 1 - start_step) * batch_size * T, "elapsed_s": time.time() - start}
+               "tokens": (step + 1 - start_step) * batch_size * T, "elapsed_s": elapsed_before + time.time() - start}
         log.append(rec)
         bar.update(1)
         bar.set_postfix(nmse=f"{rec['nmse']:.4f}")
         if on_step is not None:
             on_step(step + 1, opt, rec)
-        if time_budget_s is not None and time.time() - start > time_budget_s:
-            break
     bar.close()
     for p in student.parameters():
         p.requires_grad_(True)

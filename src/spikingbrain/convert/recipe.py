@@ -43,7 +43,7 @@ class Stage:
     seq_len: int = 512  # distill only (transfer uses the cache's)
     chat_fraction: float = 0.0  # distill only
     ce_weight: float = 0.0
-    minutes: float | None = None  # stop the stage early after this long (the demo's budgets)
+    minutes: float | None = None  # the stage's time budget (all runs of it together), or None
 
 
 @dataclass
@@ -83,11 +83,12 @@ class ConversionRecipe:
                 raise SpikingBrainError(f"conversion recipe: stage {i} chat_fraction must be in [0, 1]")
 
 
-# The shipped delta's recipe: the long CPU run (see scripts/train_conversion.py).
-SHIPPED = ConversionRecipe(stages=[
-    Stage("transfer", steps=700, lr=1e-3, batch_size=4),
-    Stage("distill", steps=120, lr=2e-4, batch_size=2, seq_len=512, chat_fraction=0.5),
-    Stage("distill", steps=25, lr=1e-4, batch_size=1, seq_len=2048, chat_fraction=0.3),
+# The shipped delta's recipe: the long CPU run (scripts/train_conversion.py). Each stage ends at
+# its step count or its time budget, whichever comes first (~55 minutes of training in all).
+SHIPPED = ConversionRecipe(cache_sequences=128, cache_seq_len=512, chat_examples=64, stages=[
+    Stage("transfer", steps=4000, lr=1e-3, batch_size=4, minutes=26),
+    Stage("distill", steps=2000, lr=2e-4, batch_size=2, seq_len=512, chat_fraction=0.5, minutes=14),
+    Stage("distill", steps=500, lr=1e-4, batch_size=1, seq_len=2048, chat_fraction=0.3, minutes=7),
 ])
 
 # `spikingbrain demo --from-scratch`: the same recipe on a ~10-minute budget (2 CPU cores).
@@ -249,12 +250,13 @@ def run_conversion(teacher, tokenizer, recipe: ConversionRecipe, workdir: str | 
     student, params = prepare_student(teacher, tokenizer, recipe, prose)
     plist = list(params.values())
     device = next(teacher.parameters()).device
-    stage0, step0, opt_state, history = 0, 0, None, []
+    stage0, step0, opt_state, history, elapsed0 = 0, 0, None, [], 0.0
     ck = latest_state(wd) if wd is not None else None
     if ck is not None:
         st = json.loads((ck / "state.json").read_text())
         _load_params(ck, params)
         stage0, step0, history = st["stage"], st["step"], st.get("history", [])
+        elapsed0 = float(st.get("stage_elapsed", 0.0))
         if (ck / "optimizer.pt").is_file():
             opt_state = torch.load(ck / "optimizer.pt", weights_only=True)
         say(f"[convert] resumed from {ck.name}: stage {stage0}, step {step0}")
@@ -262,6 +264,7 @@ def run_conversion(teacher, tokenizer, recipe: ConversionRecipe, workdir: str | 
     for si in range(stage0, len(recipe.stages)):
         s = recipe.stages[si]
         start = step0 if si == stage0 else 0
+        before = elapsed0 if si == stage0 else 0.0  # a stage's time budget counts every run of it
         if start >= s.steps:
             continue
         opt = make_optimizer(plist, s.lr)
@@ -272,7 +275,8 @@ def run_conversion(teacher, tokenizer, recipe: ConversionRecipe, workdir: str | 
 
         def on_step(step, opt, rec, si=si):
             if wd is not None and (time.time() - last_save[0] > recipe.checkpoint_seconds):
-                _save_state(wd, params, opt, si, step, {"history": history})
+                _save_state(wd, params, opt, si, step, {"history": history,
+                                                        "stage_elapsed": before + time.time() - t0})
                 last_save[0] = time.time()
 
         say(f"[convert] stage {si}: {s.kind}, steps {start}..{s.steps}")
@@ -281,9 +285,10 @@ def run_conversion(teacher, tokenizer, recipe: ConversionRecipe, workdir: str | 
                                  recipe.seed + 2).to(device)
             io = build_cache(teacher, seqs, gla_layers(student), wd / "cache" if wd is not None else None,
                              progress=progress)
+            t0 = time.time()  # the budget is for training: the cache is built once, outside it
             log = attention_transfer(student, io, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
                                      seed=recipe.seed + 100 * si, params=plist, start_step=start, optimizer=opt,
-                                     on_step=on_step, progress=progress,
+                                     on_step=on_step, progress=progress, elapsed_before=before,
                                      time_budget_s=60 * s.minutes if s.minutes else None)
             del io
             summary = {"nmse_first": log[0]["nmse"] if log else None, "nmse_last": log[-1]["nmse"] if log else None}
@@ -292,11 +297,13 @@ def run_conversion(teacher, tokenizer, recipe: ConversionRecipe, workdir: str | 
                 return mixed_windows(prose, chat, s.batch_size, s.seq_len, s.chat_fraction,
                                      recipe.seed * 7919 + 1000 * si + step)
             log = distill(student, teacher, batch_fn, plist, steps=s.steps, lr=s.lr, ce_weight=s.ce_weight,
-                          minutes=s.minutes, start_step=start, optimizer=opt, on_step=on_step, progress=progress)
+                          minutes=s.minutes, elapsed_before=before, start_step=start, optimizer=opt, on_step=on_step, progress=progress)
             summary = {"kl_first": log[0]["kl"] if log else None, "kl_last": log[-1]["kl"] if log else None}
         end_step = log[-1]["step"] if log else start
+        T = recipe.cache_seq_len if s.kind == "transfer" else s.seq_len
         history.append({"stage": si, "kind": s.kind, "from_step": start, "to_step": end_step,
-                        "tokens": log[-1]["tokens"] if log else 0, "seconds": round(time.time() - t0, 1), **summary})
+                        "tokens": end_step * s.batch_size * T, "seconds": round(before + time.time() - t0, 1),
+                        **summary})
         say(f"[convert] stage {si} done: {json.dumps(history[-1])}")
         if wd is not None:  # the finished stage: the next run starts the next stage
             _save_state(wd, params, None, si + 1, 0, {"history": history})

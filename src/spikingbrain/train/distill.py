@@ -21,10 +21,21 @@ from spikingbrain.errors import SpikingBrainError
 from spikingbrain.train.objective import distill_kl
 
 
-def warmup_cosine(step: int, steps: int, warmup: int, floor: float = 0.1) -> float:
-    """LR factor at 0-based ``step``: linear warm-up over ``warmup`` steps, cosine to ``floor``."""
+def warmup_cosine(step: int, steps: int, warmup: int, floor: float = 0.1, done: float | None = None) -> float:
+    """LR factor at 0-based ``step``: linear warm-up over ``warmup`` steps, then cosine to
+    ``floor`` over the run's progress: ``step / steps``, or ``done`` (a fraction) when given."""
     w = min(1.0, (step + 1) / max(1, warmup))
-    return w * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, steps)))))
+    frac = min(1.0, step / max(1, steps) if done is None else done)
+    return w * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def progress_fraction(step: int, steps: int, elapsed_s: float, budget_s: float | None) -> float:
+    """How far a run with a step count and an optional time budget is: the larger of the two
+    fractions, so that a run cut short by its budget still ends its LR schedule."""
+    frac = step / max(1, steps)
+    if budget_s:
+        frac = max(frac, elapsed_s / budget_s)
+    return min(1.0, frac)
 
 
 def make_optimizer(params, lr: float) -> torch.optim.AdamW:
@@ -40,12 +51,14 @@ def trainable_only(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> 
 
 def distill(student, teacher, batch_fn: Callable[[int], torch.Tensor], params: list[torch.nn.Parameter],
             steps: int, lr: float = 3e-4, *, ce_weight: float = 0.1, warmup: int | None = None,
-            minutes: float | None = None, start_step: int = 0, optimizer=None,
+            minutes: float | None = None, elapsed_before: float = 0.0, start_step: int = 0, optimizer=None,
             on_step: Callable[[int, torch.optim.Optimizer, dict], None] | None = None,
             progress: bool = True) -> list[dict]:
     """Train ``params`` of ``student`` for steps ``start_step .. steps - 1`` (or until
     ``minutes`` have passed). ``batch_fn(step)``: token ids ``[B, T]``. ``on_step(step + 1,
-    optimizer, record)`` runs after each step (checkpointing). Returns the per-step log."""
+    optimizer, record)`` runs after each step (checkpointing). ``minutes`` is a budget for the whole
+    run, of which ``elapsed_before`` seconds were spent before a resume; the LR schedule follows
+    whichever of steps and budget is further along. Returns the per-step log."""
     if not params:
         raise SpikingBrainError("distill: no parameter to train")
     trainable_only(student, params)
@@ -56,9 +69,13 @@ def distill(student, teacher, batch_fn: Callable[[int], torch.Tensor], params: l
     log, start = [], time.time()
     bar = tqdm(total=steps, initial=start_step, desc="distillation", disable=not progress)
     try:
+        budget = 60 * minutes if minutes else None
         for step in range(start_step, steps):
+            elapsed = elapsed_before + time.time() - start
+            if budget is not None and elapsed > budget:
+                break
             for g in opt.param_groups:
-                g["lr"] = lr * warmup_cosine(step, steps, warmup)
+                g["lr"] = lr * warmup_cosine(step, steps, warmup, done=progress_fraction(step, steps, elapsed, budget))
             ids = batch_fn(step).to(device)
             with torch.no_grad():
                 t_logits = teacher(input_ids=ids, use_cache=False).logits
@@ -78,14 +95,12 @@ def distill(student, teacher, batch_fn: Callable[[int], torch.Tensor], params: l
             opt.step()
             rec = {"step": step + 1, "kl": float(kl.detach()), "ce": float(ce.detach()),
                    "tokens": (step + 1 - start_step) * n, "lr": opt.param_groups[0]["lr"],
-                   "elapsed_s": time.time() - start}
+                   "elapsed_s": elapsed_before + time.time() - start}
             log.append(rec)
             bar.update(1)
             bar.set_postfix(kl=f"{rec['kl']:.3f}")
             if on_step is not None:
                 on_step(step + 1, opt, rec)
-            if minutes is not None and time.time() - start > 60 * minutes:
-                break
     finally:
         bar.close()
         for p in student.parameters():
