@@ -130,11 +130,12 @@ def main(argv=None) -> int:
                      "distill_tokens": tok_d, "train_seconds": round(train_s, 1),
                      "cpu_minutes": round(cpu_s / 60, 1), **m})
         print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("recipe", "stages")}), flush=True)
-    res = {**info, "context": args.context, "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
-    print(f"wrote {out}")
+        # after every row: a long ablation cut short keeps the rows it measured
+        res = {**info, "context": args.context, "rows": rows}
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {out}", flush=True)
     return 0
 
 
