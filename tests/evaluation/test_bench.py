@@ -219,7 +219,8 @@ def test_bench_decode_and_train_tiny(tmp_path, llama_dir, tokenizer, spiking):
     tokenizer.save_pretrained(sb_dir)
     out = tmp_path / "res"
     rc = main(["bench", "--only", "decode,train", "--out-dir", str(out), "--threads", "1", "--model", str(sb_dir),
-               "--args", f"decode=--teacher {llama_dir} --contexts 16,64 --tokens 2 --warmup 1",
+               "--args", f"decode=--teacher {llama_dir} --contexts 16,64 --tokens 2 --warmup 1 --rounds 1 --no-compile "
+                         "--teacher-dtypes fp32",
                "--args", "train=--hidden 64 --layers 2 --heads 2 --kv-heads 1 --intermediate 64 --vocab 256 "
                          "--seq-len 64 --window 16 --batch 1 --steps 1 --warmup 1"])
     assert rc == 0

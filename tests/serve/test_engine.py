@@ -129,24 +129,24 @@ def test_state_bytes_reported_while_running(sb_model, tokenizer):
 
 
 def test_spike_sparsity_is_averaged_over_the_request_steps(sb_model, tokenizer):
-    """The engine reads the monitor around every decode step and reports the mean over the
-    request's steps (a stand-in monitor with known values, to check the arithmetic)."""
-    from spikingbrain.serve.spikes import SpikeProbe, make_spike_probe
+    """The engine reads each row's figure after every decode step and reports the mean over
+    that request's steps (a stand-in probe with known per-row values, to check the arithmetic)."""
+    from spikingbrain.serve.spikes import make_spike_probe
 
     assert make_spike_probe(sb_model) is None  # not spiking: no figure, no probe
 
-    class Monitor:
+    class Probe:
         def __init__(self):
             self.step = 0
 
         def reset(self):
             self.step += 1
 
-        def report(self):
-            return {"total": {"values": 10, "sparsity": 0.5 + 0.01 * self.step}}
+        def rows(self, batch):
+            return [0.5 + 0.01 * self.step + 0.1 * r for r in range(batch)]
 
     ids = tokenizer("Hello", add_special_tokens=False)["input_ids"]
-    engine = Engine(sb_model, tokenizer, spike_probe=SpikeProbe(Monitor())).start()
+    engine = Engine(sb_model, tokenizer, spike_probe=Probe()).start()
     try:
         events = queue.Queue()
         engine.submit(ids, SamplingParams(max_new_tokens=5), events.put)
@@ -159,12 +159,33 @@ def test_spike_sparsity_is_averaged_over_the_request_steps(sb_model, tokenizer):
                 info = ev.info
     finally:
         engine.stop()
-    # 5 tokens: the first comes from the prefill, then 4 decode steps with 0.51 .. 0.54
+    # 5 tokens: the first comes from the prefill, then 4 decode steps with 0.51 .. 0.54 (row 0)
     assert info["spike_sparsity"] == pytest.approx(sum(0.5 + 0.01 * s for s in range(1, 5)) / 4)
     assert live and all(0.5 < x < 0.55 for x in live)
 
 
-def test_real_spiking_model_reports_sparsity(sb_model, tokenizer):
+def _sparsity_alone(model, ids, n_tokens):
+    """The spiking package's own SpikeMonitor over each decode step of one request run alone
+    (greedy), averaged over the steps: what the engine must report for that request."""
+    from spikingbrain.serve.adapters import make_adapter
+    from spikingbrain.serve.generation import chunked_prefill
+    from spikingbrain.spiking import SpikeMonitor
+
+    adapter = make_adapter(model)
+    logits, state = chunked_prefill(adapter, adapter.new_state(), torch.tensor(ids))
+    token, figures = int(logits.argmax()), []
+    with SpikeMonitor(model) as mon:
+        for _ in range(n_tokens - 1):
+            mon.reset()
+            logits, state = adapter.step(state, torch.tensor([token]))
+            figures.append(mon.report()["total"]["sparsity"])
+            token = int(logits[0].argmax())
+    return sum(figures) / len(figures)
+
+
+def test_real_spiking_model_reports_each_requests_own_sparsity(sb_model, tokenizer):
+    """Two different requests decoded in one batch each get their own figure (the old engine gave
+    every request the batch's), equal to the monitor's figure for that request alone."""
     import copy
 
     spiking = pytest.importorskip("spikingbrain.spiking")
@@ -173,11 +194,23 @@ def test_real_spiking_model_reports_sparsity(sb_model, tokenizer):
     model = spiking.spikify(copy.deepcopy(sb_model))
     probe = make_spike_probe(model)
     assert probe is not None
-    ids = tokenizer("Hello there", add_special_tokens=False)["input_ids"]
+    prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in ("Hello there", "The king of the old mill")]
     engine = Engine(model, tokenizer, spike_probe=probe).start()
     try:
-        info = engine.generate(ids, SamplingParams(max_new_tokens=4), timeout=60)
+        qs = [queue.Queue() for _ in prompts]
+        for ids, q in zip(prompts, qs):
+            engine.submit(ids, SamplingParams(max_new_tokens=6), q.put)
+        infos = []
+        for q in qs:
+            ev = q.get(timeout=60)
+            while ev.kind == "delta":
+                ev = q.get(timeout=60)
+            infos.append(ev.info)
     finally:
         engine.stop()
-    assert 0.0 < info["spike_sparsity"] < 1.0
+    probe.close()
+    want = [_sparsity_alone(model, ids, 6) for ids in prompts]
+    got = [info["spike_sparsity"] for info in infos]
+    assert got == pytest.approx(want, abs=1e-5)
+    assert abs(want[0] - want[1]) > 1e-4  # the two requests really differ (10x the tolerance)
     assert not probe.broken

@@ -19,12 +19,14 @@ from spikingbrain.layers.projections import fuse_projections
 from spikingbrain.serve.loading import load_model
 from spikingbrain.serve.quantize import Fp32Embedding
 
-from conftest import VOCAB
-
+# tests/serve/conftest.py's VOCAB, not imported: under pytest the module name `conftest` can be
+# another directory's conftest (tests/evaluation's has VOCAB = 384), depending on test order
+VOCAB = 512
 CFG = official_config(vocab=VOCAB, window=8)
 
 
 def _official_dir(root, tokenizer, dtype, w8aspike=False, seed=1):
+    assert len(tokenizer) <= VOCAB
     cfg = {**CFG, "torch_dtype": "bfloat16" if dtype == torch.bfloat16 else "float32"}
     d = write_official(root, cfg, official_weights(cfg, seed=seed, w8aspike=w8aspike), dtype=dtype)
     tokenizer.save_pretrained(d)

@@ -69,3 +69,68 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative():
 def test_bad_parameters_are_user_errors(kwargs):
     with pytest.raises(SpikingBrainError):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=1e-300), dict(temperature=5e-324), dict(temperature=1e-40),
+                                    dict(temperature=1.0, repetition_penalty=1e-300),
+                                    dict(temperature=1.0, repetition_penalty=1e300),
+                                    dict(temperature=2.0, top_p=1e-300, repetition_penalty=1e-300)])
+def test_every_accepted_value_samples_a_valid_token(kwargs):
+    """Values inside the accepted ranges once gave inf/NaN probabilities (multinomial raised)."""
+    logits = torch.randn(300, generator=torch.Generator().manual_seed(0)) * 30
+    seen = torch.tensor([int(logits.argmax()), 5, 7])
+    p = SamplingParams(seed=0, **kwargs)
+    g = p.make_generator()
+    tokens = [sample_next(logits, p, seen, g) for _ in range(20)]
+    assert all(0 <= t < 300 for t in tokens)
+    if kwargs["temperature"] < 1e-5:  # vanishing temperature: greedy
+        assert tokens == [int(logits.argmax())] * 20
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=float("nan")), dict(temperature=float("inf")),
+                                    dict(repetition_penalty=float("nan")), dict(repetition_penalty=float("inf")),
+                                    dict(top_p=float("nan")), dict(seed=2 ** 70), dict(seed=-(2 ** 63) - 1)])
+def test_non_finite_values_and_huge_seeds_are_user_errors(kwargs):
+    with pytest.raises(SpikingBrainError):
+        SamplingParams(**kwargs)
+
+
+def test_nan_logits_raise_a_sampling_error():
+    from spikingbrain.serve.sampling import SamplingError
+
+    with pytest.raises(SamplingError):
+        sample_next(torch.tensor([0.0, float("nan")]), SamplingParams(temperature=1.0, seed=1), NO_SEEN)
+
+
+def test_the_generator_lives_on_the_logits_device(monkeypatch, sb_model, tokenizer):
+    """A seeded sequence draws with a generator made on its logits' device (a CPU generator
+    cannot drive multinomial on CUDA logits). CPU-only machines check the device is passed."""
+    from spikingbrain.serve.generation import Sequence
+
+    made = []
+    real = torch.Generator
+
+    def recording(*args, **kwargs):
+        made.append(kwargs.get("device", args[0] if args else None))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "Generator", recording)
+    seq = Sequence([1, 2], SamplingParams(temperature=1.0, seed=3), tokenizer, set())
+    logits = torch.randn(64)
+    seq.choose(logits)
+    assert [torch.device(d) for d in made] == [logits.device]
+    assert seq.generator.device == logits.device
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_seeded_sampling_on_cuda_logits(tokenizer):
+    from spikingbrain.serve.generation import Sequence
+
+    logits = torch.randn(1000, device="cuda")
+    draws = []
+    for _ in range(2):
+        seq = Sequence([1], SamplingParams(temperature=1.0, seed=7), tokenizer, set())
+        draws.append([seq.choose(logits) for _ in range(10)])
+    assert draws[0] == draws[1]
+    assert seq.generator.device.type == "cuda"

@@ -82,9 +82,12 @@ def test_api_key_missing_or_wrong_is_401(server):
     bad = OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.chat.completions.create(model="tiny-sb", messages=GOOD["messages"])
-    # health, metrics and the page stay open; the API works with the right key
+    # health and the page stay open; metrics, info and the tokenizer need the key too
     assert requests.get(server.url + "/health").status_code == 200
-    assert requests.get(server.url + "/metrics").status_code == 200
     assert requests.get(server.url + "/").status_code == 200
+    for path in ("/metrics", "/info", "/tokenizer_info"):
+        _assert_error(requests.get(server.url + path), 401, "missing_api_key")
+    _assert_error(_post(server, {"prompt": "x"}, path="/tokenize", key=None), 401, "missing_api_key")
     _still_serving(server)
-    assert 'status="401"' in requests.get(server.url + "/metrics").text
+    auth = {"Authorization": f"Bearer {server.api_key}"}
+    assert 'status="401"' in requests.get(server.url + "/metrics", headers=auth).text

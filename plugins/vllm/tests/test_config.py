@@ -40,6 +40,7 @@ def test_released_format_round_trips():
     (dict(mlp_layer_types=["dense", "moe"], num_experts=4), "mixture-of-experts"),
     (dict(layer_types=["gla", "mamba"]), "unknown"),
     (dict(gla_feature_map="elu"), "gla_feature_map"),
+    (dict(spiking={"scheme": "ternary", "threshold_k": 3.0}), "spiking inference form"),
 ])
 def test_unservable_configs_are_refused_clearly(change, message):
     kw = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2)

@@ -60,9 +60,11 @@ BENCHMARKS: dict[str, Spec] = {s.name: s for s in [
         "large": ["--lengths", "1024,4096,16384,65536,131072", "--repeats", "3"],
     }, help="prefill time vs length: SpikingBrain vs Transformer vs pure GLA"),
     Spec("decode", "decode.py", "--out", "--device", True, presets={
-        "quick": ["--contexts", "256,1024", "--tokens", "3", "--warmup", "1"],
-        "large": ["--contexts", "4096,16384,65536,131072", "--tokens", "16", "--bf16"],
-    }, help="decode ms/token vs context: SpikingBrain vs its teacher"),
+        "quick": ["--contexts", "256,1024", "--tokens", "3", "--warmup", "1", "--rounds", "1", "--no-compile",
+                  "--teacher-dtypes", "fp32", "--no-llama-cpp"],
+        "large": ["--contexts", "4096,16384,65536,131072", "--tokens", "16", "--teacher-max-context", "65536",
+                  "--llama-cpp-max-context", "16384"],
+    }, help="decode ms/token vs context: SpikingBrain (own and lean step) vs llama.cpp and its teacher"),
     Spec("train", "train_throughput.py", "--json", "--device", False, presets={
         "quick": ["--hidden", "128", "--layers", "2", "--heads", "2", "--kv-heads", "1", "--intermediate", "256",
                   "--vocab", "1024", "--seq-len", "256", "--window", "64", "--batch", "1", "--steps", "2"],

@@ -191,9 +191,16 @@ def _prefill(v: View, d: dict) -> None:
         v.summary.append("Settings: " + ", ".join(e for e in extra if e) + ".")
 
 
+def _per_setting(name: str) -> bool:
+    """decode.py's columns of one setting (``teacher_bf16``, ``llama_cpp_fa_on``): the JSON keeps
+    them, the views show each system's best (``teacher``, ``llama_cpp``)."""
+    return name.startswith(("teacher_fp", "teacher_bf", "llama_cpp_fa_"))
+
+
 def _decode(v: View, d: dict) -> None:
     rows = d["rows"]
-    models = [k[:-3] for k in rows[0] if k.endswith("_ms")] if rows else []
+    # per-setting columns (teacher_fp32, llama_cpp_fa_on, ...) stay in the JSON; the table shows the best
+    models = [k[:-3] for k in rows[0] if k.endswith("_ms") and not _per_setting(k[:-3])] if rows else []
     sb = [m for m in models if m != "teacher" and m != "llama_cpp"]
     # (numerator, denominator) pairs: > 1 means the denominator is faster
     pairs = [(b, m) for b in ("teacher", "llama_cpp") if b in models for m in sb]
@@ -208,17 +215,27 @@ def _decode(v: View, d: dict) -> None:
         cells += [fmt(1000 / r[f"{m}_ms"]) if r.get(f"{m}_ms") else "-" for m in sb[:1]]
         table.append(cells)
     v.tables.append(Table(cols, table))
-    if rows and sb and rows[-1].get(f"{sb[0]}_ms"):
-        first, last = rows[0], rows[-1]
+    trows = [r for r in rows if r.get("teacher_ms") and sb and r.get(f"{sb[0]}_ms")]  # teachers stop earlier
+    if trows:
+        first, last = trows[0], trows[-1]
         m = sb[0]
         v.summary.append(f"At context {last['context']}: teacher {fmt(last['teacher_ms'])} ms/token, SpikingBrain "
                          f"({m}) {fmt(last[f'{m}_ms'])} ms/token: {ratio(last['teacher_ms'] / last[f'{m}_ms'])} "
                          "(teacher / SpikingBrain; > 1: SpikingBrain faster).")
-        if len(rows) > 1:
+        if len(trows) > 1:
             g_t = last["teacher_ms"] / first["teacher_ms"]
             g_s = last[f"{m}_ms"] / first[f"{m}_ms"]
             v.summary.append(f"From context {first['context']} to {last['context']} the teacher's ms/token changes "
                              f"{ratio(g_t)}, SpikingBrain's {ratio(g_s)}.")
+    for b in d.get("batch", []):
+        tok = ", ".join(f"{k[:-6]} {fmt(x)}" for k, x in b.items() if k.endswith("_tok_s") and "_fa_" not in k)
+        v.summary.append(f"{b['sequences']} sequences decoded together at context {b['context']}: tokens/s {tok}.")
+    for t in d.get("targets", []):
+        v.summary.append(f"Target {t['target']}: {t['measured']} ({'met' if t['met'] else 'missed'}).")
+    if d.get("quiet_check"):
+        q = d["quiet_check"]
+        v.summary.append(f"Quiet check: {'valid' if q['valid'] else 'INVALID'} (other processes used at most "
+                         f"{q['worst_other_cores']} cores during a timed segment).")
     if d.get("model"):
         v.summary.append(f"SpikingBrain model: {d['model']}; teacher: {d.get('teacher', '?')}.")
 
@@ -401,10 +418,12 @@ def _plot_prefill(d: dict, png: Path, title: str) -> None:
 def _plot_decode(d: dict, png: Path, title: str) -> None:
     plt = _plt()
     rows = d["rows"]
-    models = [k[:-3] for k in rows[0] if k.endswith("_ms")]
+    models = list(dict.fromkeys(k[:-3] for r in rows for k in r
+                                if k.endswith("_ms") and not _per_setting(k[:-3])))
     fig, ax = plt.subplots(figsize=(6, 4.2))
     labels = {"teacher": "teacher (Transformer)", "sb_fp32": "SpikingBrain fp32", "sb_bf16": "SpikingBrain bf16",
-              "sb_int8": "SpikingBrain int8", "llama_cpp": "llama.cpp (teacher GGUF)"}
+              "sb_int8": "SpikingBrain int8", "llama_cpp": "llama.cpp (teacher GGUF)",
+              "lean_int8": "SpikingBrain lean step, int8", "lean_fp32": "SpikingBrain lean step, fp32"}
     for m in models:
         pts = [(r["context"], r[f"{m}_ms"]) for r in rows if r.get(f"{m}_ms")]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if m == "teacher" else "s-", label=labels.get(m, m))

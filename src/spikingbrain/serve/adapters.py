@@ -3,8 +3,9 @@
 A *state* is the decode state of one or more sequences (rows):
 
 - ``new_state()``: empty state of one row.
-- ``extend(state, ids [T]) -> (logits [V], state)``: feed ``T`` more tokens of a single-row state
-  (prefill, chunk by chunk); logits of the last one.
+- ``extend(state, ids [T], all_logits=False) -> (logits, state)``: feed ``T`` more tokens of a
+  single-row state (prefill, chunk by chunk); logits ``[V]`` of the last one, or ``[T, V]`` of
+  every one with ``all_logits`` (prompt log-probabilities).
 - ``cat([states]) -> state``: rows of all states, in order (rows may be at different lengths).
 - ``select(state, rows) -> state``: keep those rows, in that order.
 - ``step(state, tokens [B]) -> (logits [B, V], state)``: one decode step for every row.
@@ -40,10 +41,10 @@ class SpikingBrainAdapter(_Adapter):
         return self.model.new_cache()
 
     @torch.inference_mode()
-    def extend(self, state, ids: torch.Tensor):
-        out = self.model(input_ids=ids.view(1, -1).to(self.device), use_cache=True, logits_to_keep=1,
-                         **cache_kwargs(state))
-        return out.logits[0, -1].float(), output_cache(out)
+    def extend(self, state, ids: torch.Tensor, all_logits: bool = False):
+        out = self.model(input_ids=ids.view(1, -1).to(self.device), use_cache=True,
+                         logits_to_keep=0 if all_logits else 1, **cache_kwargs(state))
+        return (out.logits[0] if all_logits else out.logits[0, -1]).float(), output_cache(out)
 
     def cat(self, states: list):
         from spikingbrain.cache import SpikingBrainCache
@@ -74,11 +75,11 @@ class PerRowAdapter(_Adapter):
         return [DynamicCache(config=self.model.config)]
 
     @torch.inference_mode()
-    def extend(self, state, ids: torch.Tensor):
+    def extend(self, state, ids: torch.Tensor, all_logits: bool = False):
         (cache,) = state
-        out = self.model(input_ids=ids.view(1, -1).to(self.device), use_cache=True, logits_to_keep=1,
-                         **cache_kwargs(cache))
-        return out.logits[0, -1].float(), [output_cache(out)]
+        out = self.model(input_ids=ids.view(1, -1).to(self.device), use_cache=True,
+                         logits_to_keep=0 if all_logits else 1, **cache_kwargs(cache))
+        return (out.logits[0] if all_logits else out.logits[0, -1]).float(), [output_cache(out)]
 
     def cat(self, states: list):
         return [c for s in states for c in s]
@@ -107,9 +108,15 @@ class PerRowAdapter(_Adapter):
 
 
 def make_adapter(model):
-    """The adapter for ``model``: batched for SpikingBrain, per-row for other HF models."""
+    """The adapter for ``model``: batched for SpikingBrain (its decode steps on the lean step when
+    ``spikingbrain.decode.enable_lean`` attached one), per-row for other HF models."""
     from spikingbrain.modeling import SpikingBrainForCausalLM
 
     if isinstance(model, SpikingBrainForCausalLM):
+        decoder = model.__dict__.get("lean_decoder")
+        if decoder is not None:
+            from spikingbrain.decode.adapter import LeanAdapter
+
+            return LeanAdapter(model, decoder)
         return SpikingBrainAdapter(model)
     return PerRowAdapter(model)

@@ -6,6 +6,7 @@ batching engine share one definition of "what the next token and the next text d
 """
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 
@@ -35,15 +36,44 @@ def eos_token_ids(model, tokenizer) -> set[int]:
 
 def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """Prompt ids for a conversation, ending with the assistant's turn opener. Uses the
-    tokenizer's chat template; without one, a plain ``role: content`` transcript."""
+    tokenizer's chat template; without one, a plain ``role: content`` transcript.
+
+    Message contents are text, never markup: ``<|im_start|>`` typed by a user becomes the
+    characters, not the special token (else a user could forge turns of the conversation). When
+    some content contains the text of a special or added token, the template is rendered with
+    placeholders in place of the contents, and each content is tokenized on its own with
+    ``split_special_tokens``; otherwise the rendered text is tokenized in one piece.
+    """
+    specials = [t for t in _added_tokens(tokenizer) if t]
+    if not any(t in str(m.get("content", "")) for m in messages for t in specials):
+        return tokenizer(_render(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    marks = [f"\x00SBCONTENT{i}\x00" for i in range(len(messages))]
+    text = _render(tokenizer, [{**m, "content": mark} for m, mark in zip(messages, marks)])
+    ids: list[int] = []
+    for piece in re.split(r"(\x00SBCONTENT\d+\x00)", text):
+        m = re.fullmatch(r"\x00SBCONTENT(\d+)\x00", piece)
+        if m:
+            content = messages[int(m.group(1))]["content"]
+            ids += tokenizer(content, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        elif piece:
+            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def _render(tokenizer, messages: list[dict]) -> str:
     if getattr(tokenizer, "chat_template", None):
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as e:  # jinja raises for conversations a template refuses
             raise SpikingBrainError(f"the chat template rejected the conversation: {e}") from None
-    else:
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+
+def _added_tokens(tokenizer) -> list[str]:
+    try:
+        return list(tokenizer.get_added_vocab())
+    except Exception:
+        return list(getattr(tokenizer, "all_special_tokens", []))
 
 
 class Sequence:
@@ -59,12 +89,14 @@ class Sequence:
         self.prompt_ids = [int(i) for i in prompt_ids]
         self.params = params
         self.eos_ids = set() if params.ignore_eos else set(eos_ids)
-        self.generator = params.make_generator()
+        self.generator: torch.Generator | None = None  # made on the logits' device at the first draw
         self.output_ids: list[int] = []
         self.detok = IncrementalDetokenizer(tokenizer)
         self.stopper = StopMatcher(params.stop)
         self.text = ""
         self.finish_reason: str | None = None
+        # with params.logprobs: (token, logprob, top) of every sampled token, EOS included
+        self.logprobs: list | None = [] if params.logprobs is not None else None
         self._seen = torch.tensor(self.prompt_ids, dtype=torch.long) if params.repetition_penalty != 1.0 else None
 
     @property
@@ -73,7 +105,16 @@ class Sequence:
 
     def choose(self, logits: torch.Tensor) -> int:
         seen = self._seen if self._seen is not None else torch.empty(0, dtype=torch.long)
-        return sample_next(logits, self.params, seen, self.generator)
+        if self.generator is None and self.params.seed is not None:
+            self.generator = self.params.make_generator(logits.device)
+        token = sample_next(logits, self.params, seen, self.generator)
+        if self.logprobs is not None:
+            lp = logits.float().log_softmax(-1)
+            k = self.params.logprobs
+            top = torch.topk(lp, k) if k else None
+            pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+            self.logprobs.append((token, float(lp[token]), pairs))
+        return token
 
     def push(self, token_id: int) -> str:
         if self.finished:

@@ -45,6 +45,13 @@ def _validate(cfg) -> None:
         raise SpikingBrainConfigError(
             "sink tokens (num_sink_tokens > 0) are not supported by the vLLM plugin: vLLM's CPU "
             "attention cannot attend to a learned key/value prefix; serve it with `spikingbrain serve`")
+    if getattr(cfg, "spiking", None):
+        # saved by `spikingbrain spikes --save` / spikify: activations are spike-coded at run time,
+        # which this plugin's layers do not do; serving it as a float model would be silently wrong
+        raise SpikingBrainConfigError(
+            "this checkpoint is saved in its spiking inference form (config.spiking is set); the vLLM "
+            "plugin serves float models only: serve it with `spikingbrain serve`, or serve the float "
+            "model it was made from")
     if any(t != "dense" for t in cfg.mlp_layer_types):
         raise SpikingBrainConfigError(
             "mixture-of-experts FFNs (mlp_layer_types 'moe') are not supported by the vLLM plugin "
@@ -70,7 +77,7 @@ class SpikingBrainVllmConfig(PretrainedConfig):
                  attention_bias=False, attention_out_bias=False, tie_word_embeddings=False,
                  layer_types=None, sliding_window=4096, window_keys=None, gla_feature_map="relu",
                  gla_gate="lowrank", gla_gate_low_rank_dim=16, gla_gate_logit_normalizer=16.0,
-                 num_sink_tokens=0, mlp_layer_types=None, **kwargs):
+                 num_sink_tokens=0, mlp_layer_types=None, spiking=None, **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -91,6 +98,7 @@ class SpikingBrainVllmConfig(PretrainedConfig):
         self.gla_gate_low_rank_dim = gla_gate_low_rank_dim
         self.gla_gate_logit_normalizer = float(gla_gate_logit_normalizer)
         self.num_sink_tokens = num_sink_tokens
+        self.spiking = spiking
         for unused in ("gla_chunk_size", "hybrid_separate_proj"):  # training-side knobs
             kwargs.pop(unused, None)
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
