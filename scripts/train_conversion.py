@@ -1,0 +1,87 @@
+"""Train the conversion of the default teacher and export it as a delta (the file the package ships).
+
+Resumable: kill it at any moment and run the same command again, it continues from the last
+checkpoint in ``--workdir`` (see ``spikingbrain.convert.recipe``). At the end (or with
+``--export-only``, from the latest checkpoint) it writes the delta: low-rank fp16 factors and
+fp32 gates/norms in safetensors, with the teacher's fingerprint, the layout, the recipe, the
+stages run and this exact command in its metadata.
+
+    python3 scripts/train_conversion.py --workdir runs/shipped \\
+        --out src/spikingbrain/convert/weights/smollm2-135m-instruct-7b.safetensors
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", required=True, help="checkpoints and the teacher activation cache")
+    p.add_argument("--out", required=True, help="the delta file to write")
+    p.add_argument("--recipe", default="shipped", help="shipped, demo, or a JSON file (ConversionRecipe fields)")
+    p.add_argument("--export-only", action="store_true", help="write the delta from the latest checkpoint, no training")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-mb", type=float, default=10.0, help="refuse to write a larger delta")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from spikingbrain.convert import recipe as R
+    from spikingbrain.convert.delta import save_delta
+    from spikingbrain.convert.teacher import load_teacher
+    from spikingbrain.demo import shipped_ids
+    from spikingbrain.errors import SpikingBrainError
+
+    if args.recipe in ("shipped", "demo"):
+        recipe = R.SHIPPED if args.recipe == "shipped" else R.DEMO
+    else:
+        recipe = R.ConversionRecipe.from_dict(json.loads(Path(args.recipe).read_text()))
+    t0 = time.time()
+    teacher, tok = load_teacher()
+    wd = Path(args.workdir)
+    if args.export_only:
+        ck = R.latest_state(wd)
+        if ck is None:
+            raise SpikingBrainError(f"no checkpoint in {wd}")
+        student, params = R.prepare_student(teacher, tok, recipe, shipped_ids(tok, "train"))
+        R._load_params(ck, params)
+        state = json.loads((ck / "state.json").read_text())
+        report = {"stages": state.get("history", []), "checkpoint": ck.name}
+    else:
+        student, report = R.run_conversion(teacher, tok, recipe, wd)
+    tokens = {k: sum(h["tokens"] for h in report["stages"] if h["kind"] == k) for k in ("transfer", "distill")}
+    meta = {
+        "command": "python3 scripts/train_conversion.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "recipe": json.dumps(recipe.to_dict()),
+        "stages": json.dumps(report["stages"]),
+        "provenance": f"{dt.date.today().isoformat()}, CPU {platform.machine()}, {args.threads} threads; attention "
+                      f"transfer {tokens['transfer']:,} tokens per layer + distillation {tokens['distill']:,} tokens "
+                      f"(shipped prose + chat data)",
+        "torch": torch.__version__,
+    }
+    size = save_delta(student, teacher, args.out, meta)
+    if size > args.max_mb * 1e6:
+        Path(args.out).unlink()
+        raise SpikingBrainError(f"the delta is {size / 1e6:.1f} MB, over --max-mb {args.max_mb}")
+    print(f"wrote {args.out} ({size / 1e6:.2f} MB) after {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except Exception as e:  # noqa: BLE001
+        from spikingbrain.errors import SpikingBrainError
+
+        if isinstance(e, SpikingBrainError):
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        raise

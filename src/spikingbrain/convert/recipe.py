@@ -1,0 +1,314 @@
+"""The conversion recipe: teacher -> trained SpikingBrain student, in stages, resumable.
+
+1. convert (``mapping.convert_from_transformer``) and calibrate the GLA output norms;
+2. optionally wrap the GLA projections as low-rank updates of the teacher's weights
+   (``lora_rank``: the delta stays small, and the frozen base weights need no gradient);
+3. run the stages in order:
+
+   - ``transfer``: layer-wise attention transfer (``attention_transfer.py``) on the teacher's
+     per-layer inputs/outputs. The teacher runs once: the activations are cached on disk in the
+     work directory (``cache/``) and memory-mapped, so every later step and every resumed run
+     reuses them;
+   - ``distill``: end-to-end KL distillation (``train/distill.py``) on windows of
+     ``seq_len`` tokens, a ``chat_fraction`` of them cut from the shipped chat data (the
+     teacher's own answers in its chat template), the rest from the shipped prose.
+
+With a work directory, the state (trainable tensors, optimizer, stage, step) is checkpointed
+atomically every ``checkpoint_seconds`` and at each stage's end; running the same recipe on the
+same directory again continues where it stopped (every batch is a function of the step alone).
+A recipe that differs from the one the directory was started with is refused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from spikingbrain.errors import SpikingBrainError
+
+
+@dataclass
+class Stage:
+    kind: str  # "transfer" or "distill"
+    steps: int
+    lr: float
+    batch_size: int
+    seq_len: int = 512  # distill only (transfer uses the cache's)
+    chat_fraction: float = 0.0  # distill only
+    ce_weight: float = 0.0
+    minutes: float | None = None  # the stage's time budget (all runs of it together), or None
+
+
+@dataclass
+class ConversionRecipe:
+    layout: str = "7b"
+    sliding_window: int = 4096
+    lora_rank: int = 64  # 0: train the projections in full
+    seed: int = 0
+    cache_sequences: int = 160
+    cache_seq_len: int = 512
+    cache_chat_fraction: float = 0.35
+    chat_examples: int | None = None  # the first N shipped chat examples (None: all)
+    checkpoint_seconds: float = 120.0
+    stages: list[Stage] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ConversionRecipe":
+        d = dict(d)
+        stages = [Stage(**s) for s in d.pop("stages", [])]
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise SpikingBrainError(f"conversion recipe: unknown fields {sorted(unknown)}")
+        return cls(**d, stages=stages)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        if not self.stages:
+            raise SpikingBrainError("conversion recipe: no stages")
+        for i, s in enumerate(self.stages):
+            if s.kind not in ("transfer", "distill"):
+                raise SpikingBrainError(f"conversion recipe: stage {i} kind {s.kind!r} (transfer or distill)")
+            if s.steps < 1 or s.batch_size < 1 or s.lr <= 0 or s.seq_len < 2:
+                raise SpikingBrainError(f"conversion recipe: stage {i} needs steps, batch_size, seq_len >= 1 and lr > 0")
+            if not 0.0 <= s.chat_fraction <= 1.0:
+                raise SpikingBrainError(f"conversion recipe: stage {i} chat_fraction must be in [0, 1]")
+
+
+# The shipped delta's recipe: the long CPU run (scripts/train_conversion.py). Each stage ends at
+# its step count or its time budget, whichever comes first (~55 minutes of training in all).
+SHIPPED = ConversionRecipe(cache_sequences=128, cache_seq_len=512, chat_examples=64, stages=[
+    Stage("transfer", steps=4000, lr=1e-3, batch_size=4, minutes=26),
+    Stage("distill", steps=2000, lr=2e-4, batch_size=2, seq_len=512, chat_fraction=0.5, minutes=14),
+    Stage("distill", steps=500, lr=1e-4, batch_size=1, seq_len=2048, chat_fraction=0.3, minutes=7),
+])
+
+# `spikingbrain demo --from-scratch`: the same recipe on a ~10-minute budget (2 CPU cores).
+DEMO = ConversionRecipe(cache_sequences=48, cache_seq_len=512, checkpoint_seconds=1e9, stages=[
+    Stage("transfer", steps=400, lr=1e-3, batch_size=4, minutes=4.5),
+    Stage("distill", steps=60, lr=2e-4, batch_size=2, seq_len=512, chat_fraction=0.5, minutes=2.0),
+])
+
+
+# --------------------------------------------------------------------------- data
+def windows(stream: torch.Tensor, n: int, T: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` windows of ``T`` tokens at random offsets of ``stream``."""
+    if stream.numel() < T + 1:
+        raise SpikingBrainError(f"need at least {T + 1} tokens of training text, got {stream.numel()}")
+    starts = torch.randint(0, stream.numel() - T, (n,), generator=generator)
+    return torch.stack([stream[s:s + T] for s in starts.tolist()])
+
+
+def mixed_windows(prose: torch.Tensor, chat: torch.Tensor | None, n: int, T: int, chat_fraction: float,
+                  seed: int) -> torch.Tensor:
+    """``n`` windows, ``round(n * chat_fraction)`` of them from ``chat`` (the first ones), the
+    rest from ``prose``; a function of ``seed`` alone."""
+    g = torch.Generator().manual_seed(seed)
+    n_chat = int(round(n * chat_fraction)) if chat is not None else 0
+    parts = []
+    if n_chat:
+        parts.append(windows(chat, n_chat, T, g))
+    if n - n_chat:
+        parts.append(windows(prose, n - n_chat, T, g))
+    return torch.cat(parts)
+
+
+# --------------------------------------------------------------------------- activation cache
+def build_cache(teacher, seqs: torch.Tensor, layers: list[int], cache_dir: Path | None, batch: int = 4,
+                progress: bool = True) -> dict:
+    """Teacher inputs/outputs of the attention blocks of ``layers`` for ``seqs [N, T]``
+    (``attention_transfer.collect_teacher_io``). With ``cache_dir``: written there once
+    (atomically, one file per layer) and memory-mapped on every later call."""
+    from spikingbrain.convert.attention_transfer import collect_teacher_io
+
+    if cache_dir is not None and (cache_dir / "done.json").is_file():
+        return _load_cache(cache_dir, layers)
+    io = collect_teacher_io(teacher, seqs.split(batch), layers, progress=progress)
+    if cache_dir is None:
+        return io
+    tmp = cache_dir.with_name(cache_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for i, (x, y) in io.items():
+        torch.save({"x": x.contiguous(), "y": y.contiguous()}, tmp / f"layer{i:03d}.pt")
+    (tmp / "done.json").write_text(json.dumps({"layers": layers, "shape": list(seqs.shape)}))
+    if cache_dir.exists():
+        shutil.rmtree(cache_dir)
+    os.replace(tmp, cache_dir)
+    del io
+    return _load_cache(cache_dir, layers)
+
+
+def _load_cache(cache_dir: Path, layers: list[int]) -> dict:
+    out = {}
+    for i in layers:
+        d = torch.load(cache_dir / f"layer{i:03d}.pt", mmap=True, weights_only=True)
+        out[i] = (d["x"], d["y"])
+    return out
+
+
+# --------------------------------------------------------------------------- state
+def prepare_student(teacher, tokenizer, recipe: ConversionRecipe, prose: torch.Tensor):
+    """Convert, calibrate the output norms, wrap the projections (``lora_rank``). Returns
+    ``(student, trainable parameters by name)``."""
+    from spikingbrain.convert.delta import PROJECTIONS, gla_layers
+    from spikingbrain.convert.mapping import calibrate_output_norms, convert_from_transformer
+    from spikingbrain.train.recipe import LoRASpec
+    from spikingbrain.train.trainable import apply_lora
+
+    student = convert_from_transformer(teacher, layout=recipe.layout, sliding_window=recipe.sliding_window,
+                                       tokenizer=tokenizer, seed=recipe.seed)
+    device = next(teacher.parameters()).device
+    calib = windows(prose, 4, 256, torch.Generator().manual_seed(recipe.seed + 1)).to(device)
+    calibrate_output_norms(student, teacher, calib)
+    if recipe.lora_rank > 0:
+        torch.manual_seed(recipe.seed)
+        layers = "|".join(str(i) for i in gla_layers(student))
+        apply_lora(student, LoRASpec(rank=recipe.lora_rank, alpha=recipe.lora_rank,
+                                     targets=[rf"model\.layers\.({layers})\.self_attn\.({'|'.join(PROJECTIONS)})"]))
+    params = {}
+    for i in gla_layers(student):
+        for n, p in student.model.layers[i].self_attn.named_parameters():
+            if ".base." not in n:
+                params[f"model.layers.{i}.self_attn.{n}"] = p
+    return student, params
+
+
+def _save_state(workdir: Path, params: dict, opt, stage: int, step: int, extra: dict) -> None:
+    from safetensors.torch import save_file
+
+    name = f"ckpt-{stage:02d}-{step:07d}"
+    tmp = workdir / f".tmp-{name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, str(tmp / "params.safetensors"))
+    if opt is not None:
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({"stage": stage, "step": step, **extra}))  # last: marks complete
+    os.replace(tmp, workdir / name)
+    for old in _checkpoints(workdir)[:-1]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _checkpoints(workdir: Path) -> list[Path]:
+    found = [p for p in workdir.glob("ckpt-*") if (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_state(workdir: Path) -> Path | None:
+    found = _checkpoints(workdir)
+    return found[-1] if found else None
+
+
+@torch.no_grad()
+def _load_params(path: Path, params: dict) -> None:
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path / "params.safetensors"))
+    if set(saved) != set(params):
+        raise SpikingBrainError(f"checkpoint {path} does not match this recipe's trainable parameters")
+    for n, p in params.items():
+        p.copy_(saved[n])
+
+
+# --------------------------------------------------------------------------- the run
+def run_conversion(teacher, tokenizer, recipe: ConversionRecipe, workdir: str | os.PathLike | None = None,
+                   progress: bool = True, say: Callable[[str], None] = print, stop_after_stage: int | None = None):
+    """Run ``recipe`` (resuming from ``workdir`` when it holds a checkpoint). Returns
+    ``(student, report)``; the student's GLA projections are low-rank wrapped when
+    ``lora_rank > 0`` (``convert.delta.save_delta`` stores them as such)."""
+    from spikingbrain.convert.attention_transfer import attention_transfer
+    from spikingbrain.convert.chat_data import chat_stream
+    from spikingbrain.convert.delta import gla_layers
+    from spikingbrain.demo import shipped_ids
+    from spikingbrain.train.distill import distill, make_optimizer
+
+    recipe.validate()
+    wd = Path(workdir) if workdir is not None else None
+    if wd is not None:
+        wd.mkdir(parents=True, exist_ok=True)
+        rpath = wd / "recipe.json"
+        if rpath.is_file():
+            if json.loads(rpath.read_text()) != recipe.to_dict():
+                raise SpikingBrainError(f"{wd} was started with another recipe ({rpath}); use a new directory")
+        else:
+            rpath.write_text(json.dumps(recipe.to_dict(), indent=1))
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    prose = shipped_ids(tokenizer, "train")
+    chat = chat_stream(tokenizer, "train", recipe.chat_examples)
+    student, params = prepare_student(teacher, tokenizer, recipe, prose)
+    plist = list(params.values())
+    device = next(teacher.parameters()).device
+    stage0, step0, opt_state, history, elapsed0 = 0, 0, None, [], 0.0
+    ck = latest_state(wd) if wd is not None else None
+    if ck is not None:
+        st = json.loads((ck / "state.json").read_text())
+        _load_params(ck, params)
+        stage0, step0, history = st["stage"], st["step"], st.get("history", [])
+        elapsed0 = float(st.get("stage_elapsed", 0.0))
+        if (ck / "optimizer.pt").is_file():
+            opt_state = torch.load(ck / "optimizer.pt", weights_only=True)
+        say(f"[convert] resumed from {ck.name}: stage {stage0}, step {step0}")
+    report = {"recipe": recipe.to_dict(), "stages": history}
+    for si in range(stage0, len(recipe.stages)):
+        s = recipe.stages[si]
+        start = step0 if si == stage0 else 0
+        before = elapsed0 if si == stage0 else 0.0  # a stage's time budget counts every run of it
+        if start >= s.steps:
+            continue
+        opt = make_optimizer(plist, s.lr)
+        if opt_state is not None and si == stage0:
+            opt.load_state_dict(opt_state)
+        last_save = [time.time()]
+        t0 = time.time()
+
+        def on_step(step, opt, rec, si=si):
+            if wd is not None and (time.time() - last_save[0] > recipe.checkpoint_seconds):
+                _save_state(wd, params, opt, si, step, {"history": history,
+                                                        "stage_elapsed": before + time.time() - t0})
+                last_save[0] = time.time()
+
+        say(f"[convert] stage {si}: {s.kind}, steps {start}..{s.steps}")
+        if s.kind == "transfer":
+            seqs = mixed_windows(prose, chat, recipe.cache_sequences, recipe.cache_seq_len, recipe.cache_chat_fraction,
+                                 recipe.seed + 2).to(device)
+            io = build_cache(teacher, seqs, gla_layers(student), wd / "cache" if wd is not None else None,
+                             progress=progress)
+            t0 = time.time()  # the budget is for training: the cache is built once, outside it
+            log = attention_transfer(student, io, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
+                                     seed=recipe.seed + 100 * si, params=plist, start_step=start, optimizer=opt,
+                                     on_step=on_step, progress=progress, elapsed_before=before,
+                                     time_budget_s=60 * s.minutes if s.minutes else None)
+            del io
+            summary = {"nmse_first": log[0]["nmse"] if log else None, "nmse_last": log[-1]["nmse"] if log else None}
+        else:
+            def batch_fn(step, s=s, si=si):
+                return mixed_windows(prose, chat, s.batch_size, s.seq_len, s.chat_fraction,
+                                     recipe.seed * 7919 + 1000 * si + step)
+            log = distill(student, teacher, batch_fn, plist, steps=s.steps, lr=s.lr, ce_weight=s.ce_weight,
+                          minutes=s.minutes, elapsed_before=before, start_step=start, optimizer=opt, on_step=on_step, progress=progress)
+            summary = {"kl_first": log[0]["kl"] if log else None, "kl_last": log[-1]["kl"] if log else None}
+        end_step = log[-1]["step"] if log else start
+        T = recipe.cache_seq_len if s.kind == "transfer" else s.seq_len
+        history.append({"stage": si, "kind": s.kind, "from_step": start, "to_step": end_step,
+                        "tokens": end_step * s.batch_size * T, "seconds": round(before + time.time() - t0, 1),
+                        **summary})
+        say(f"[convert] stage {si} done: {json.dumps(history[-1])}")
+        if wd is not None:  # the finished stage: the next run starts the next stage
+            _save_state(wd, params, None, si + 1, 0, {"history": history})
+        opt_state = None
+        if stop_after_stage is not None and si >= stop_after_stage:
+            break
+    report["stages"] = history
+    return student, report

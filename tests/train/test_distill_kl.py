@@ -1,0 +1,41 @@
+"""The one distillation loss (``objective.distill_kl``) and the LR schedule of the distillation loop."""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from spikingbrain.train.distill import progress_fraction, warmup_cosine
+from spikingbrain.train.objective import IGNORE, distill_kl, token_losses
+
+
+def test_distill_kl_is_the_forward_kl_on_the_shared_vocabulary():
+    g = torch.Generator().manual_seed(0)
+    zs, zt = torch.randn(5, 7, generator=g), torch.randn(5, 9, generator=g)  # teacher has 2 extra logits
+    want = F.kl_div(F.log_softmax(zs, -1), F.log_softmax(zt[:, :7], -1), log_target=True, reduction="sum")
+    torch.testing.assert_close(distill_kl(zs, zt), want)
+    T = 2.0
+    want_t = F.kl_div(F.log_softmax(zs / T, -1), F.log_softmax(zt[:, :7] / T, -1), log_target=True, reduction="sum") * T**2
+    torch.testing.assert_close(distill_kl(zs, zt, T), want_t)
+    assert float(distill_kl(zt[:, :7], zt)) < 1e-6  # a student equal to its teacher
+    empty = torch.zeros(0, 7, requires_grad=True)
+    out = distill_kl(empty, torch.zeros(0, 7))
+    assert float(out) == 0.0 and out.requires_grad
+
+
+def test_token_losses_uses_it_on_the_counted_targets():
+    g = torch.Generator().manual_seed(1)
+    logits, teacher = torch.randn(2, 4, 6, generator=g), torch.randn(2, 4, 6, generator=g)
+    labels = torch.tensor([[1, 2, IGNORE, 3], [1, IGNORE, 4, 5]])
+    out = token_losses(logits, labels, teacher)
+    mask = labels[:, 1:] != IGNORE
+    torch.testing.assert_close(out["kl_sum"], distill_kl(logits[:, :-1][mask], teacher[:, :-1][mask]))
+    assert int(out["n"]) == 4
+
+
+def test_lr_schedule_follows_steps_or_time_budget():
+    assert warmup_cosine(0, 100, 10) == 0.1  # warm-up
+    assert math.isclose(warmup_cosine(99, 100, 10, done=1.0), 0.1)  # decayed to the floor
+    # a run cut short by its time budget still reaches the end of its schedule
+    assert progress_fraction(10, 1000, elapsed_s=60, budget_s=60) == 1.0
+    assert progress_fraction(500, 1000, elapsed_s=1, budget_s=60) == 0.5
+    assert progress_fraction(500, 1000, elapsed_s=1, budget_s=None) == 0.5
