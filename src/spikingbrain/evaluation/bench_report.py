@@ -18,8 +18,11 @@ from pathlib import Path
 
 from spikingbrain.errors import SpikingBrainError
 
-ORDER = ["prefill", "decode", "memory", "train", "moe", "context_parallel", "spiking", "serve_throughput", "serve_load", "official_7b"]
+ORDER = ["conversion_quality", "conversion_ablation", "prefill", "decode", "memory", "train", "moe", "context_parallel", "spiking", "serve_throughput", "serve_load", "official_7b"]
 TITLES = {
+    "conversion_quality": "Conversion quality of the shipped delta vs the teacher (2k context)",
+    "conversion_ablation": "Conversion recipe ablation (CPU)",
+    "eval_demo": "Evaluation of the earlier demo model (2026-11-23)",
     "prefill": "Prefill time vs prompt length",
     "decode": "Decode speed vs context",
     "memory": "Decode-state memory vs context",
@@ -31,7 +34,8 @@ TITLES = {
     "serve_load": "The server under load: time to first token, abandoned and hostile requests",
     "official_7b": "The released SpikingBrain-7B on a CPU: load, decode, state memory",
 }
-SCRIPTS = {"prefill": "benchmarks/prefill.py", "decode": "benchmarks/decode.py", "train": "benchmarks/train_throughput.py",
+SCRIPTS = {"conversion_quality": "benchmarks/conversion_quality.py",
+           "conversion_ablation": "benchmarks/conversion_ablation.py", "prefill": "benchmarks/prefill.py", "decode": "benchmarks/decode.py", "train": "benchmarks/train_throughput.py",
            "moe": "benchmarks/moe.py", "context_parallel": "benchmarks/context_parallel.py",
            "spiking": "benchmarks/spiking_sweep.py", "serve_throughput": "benchmarks/serve_throughput.py",
            "serve_load": "benchmarks/serve_load.py",
@@ -382,7 +386,26 @@ def _official_7b(v: View, d: dict) -> None:
                      f"Decode state: {d.get('decode_state', '?')}.")
 
 
-BUILDERS = {"prefill": _prefill, "decode": _decode, "memory": _memory, "train": _train, "moe": _moe,
+def _conversion_quality(v: View, d: dict) -> None:
+    h, c, req = d["heldout"], d["chat"], d.get("targets", {}).get("required", {})
+    pk = d.get("passkey", {})
+    rows = [["top-1 agreement with the teacher", "1", fmt(h["top1"]), f">= {req.get('top1', '-')}"],
+            ["KL(teacher || model), nats/token", "0", fmt(h["kl"]), f"<= {req.get('kl', '-')}"],
+            ["perplexity", fmt(h["teacher_ppl"]), f"{fmt(h['model_ppl'])} ({fmt(h['ppl_ratio'])}x)",
+             f"<= {req.get('ppl_ratio', '-')}x"],
+            ["chat fidelity (teacher-forced top-1 on its answers)", "1", fmt(c["fidelity"]),
+             f">= {req.get('chat_fidelity', '-')}"],
+            [f"empty answers (of {c['prompts']})", "0", str(c["empty"]), str(req.get("empty", "-"))]]
+    for n in sorted(pk.get("model", {}), key=int):
+        t, m = pk["teacher"][n], pk["model"][n]
+        rows.append([f"passkey @ {n} tokens", f"{t['correct']}/{t['trials']}", f"{m['correct']}/{m['trials']}",
+                     ">= the teacher"])
+    v.tables.append(Table(["metric", "teacher", "SpikingBrain (shipped delta)", "required"], rows))
+    v.summary.append(f"{h['tokens']} held-out tokens at a {h['context_length']}-token context; delta: "
+                     f"{d['model'].get('provenance', '?')}; made by `{d['model'].get('command', '?')}`.")
+
+
+BUILDERS = {"conversion_quality": _conversion_quality, "prefill": _prefill, "decode": _decode, "memory": _memory, "train": _train, "moe": _moe,
             "context_parallel": _context_parallel, "spiking": _spiking, "serve_throughput": _serve_throughput,
             "official_7b": _official_7b}
 
