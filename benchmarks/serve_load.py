@@ -41,6 +41,8 @@ import threading
 import time
 from pathlib import Path
 
+from spikingbrain.evaluation.bench import cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["Name a river.", "What is two plus two?", "Say hello.", "Give me a colour.", "Name a tree.",
              "What day follows Monday?", "Name a planet.", "Say a short word."]
@@ -359,7 +361,7 @@ def main(argv=None) -> int:
         "benchmark": "serve_load",
         "command": shlex.join([Path(sys.executable).name] + sys.argv),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "hardware": f"{os.cpu_count()} CPU cores ({_cpu_name()}, {platform.machine()}), Python {platform.python_version()}",
+        "hardware": f"{os.cpu_count()} CPU cores ({cpu_name()}, {platform.machine()}), Python {platform.python_version()}",
         "torch": _torch_version(),
         "model": model_desc,
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "server_log")},
@@ -400,16 +402,6 @@ def _torch_version() -> str:
     import torch
 
     return torch.__version__
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":
