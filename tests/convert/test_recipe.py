@@ -83,6 +83,34 @@ def test_another_recipe_on_the_same_directory_is_refused(tmp_path, tiny):
         R.run_conversion(teacher, tok, small_recipe(seed=1), tmp_path, progress=False, say=lambda m: None)
 
 
+def test_a_finished_run_goes_on_with_appended_stages(tmp_path, tiny):
+    teacher, tok = tiny
+    whole, _ = R.run_conversion(teacher, tok, small_recipe(), tmp_path / "a", progress=False, say=lambda m: None)
+    first = small_recipe()
+    first.stages = first.stages[:1]
+    R.run_conversion(teacher, tok, first, tmp_path / "b", progress=False, say=lambda m: None)
+    said = []
+    extended, rep = R.run_conversion(teacher, tok, small_recipe(), tmp_path / "b", progress=False, say=said.append)
+    assert any("extended by 1 stage" in m for m in said)
+    assert [h["kind"] for h in rep["stages"]] == ["transfer", "distill"]
+    a, b = _trained(whole), _trained(extended)
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-6, msg=n)
+    assert json.loads((tmp_path / "b" / "recipe.json").read_text()) == small_recipe().to_dict()
+    # changing a stage that already ran is not an extension
+    changed = small_recipe()
+    changed.stages[0].lr = 5e-3
+    with pytest.raises(SpikingBrainError, match="only be extended by appending"):
+        R.run_conversion(teacher, tok, changed, tmp_path / "b", progress=False, say=lambda m: None)
+
+
+def test_the_shipped_recipe_is_the_file_in_recipes():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "recipes" / "conversion-shipped.json"
+    assert R.ConversionRecipe.from_dict(json.loads(path.read_text())) == R.SHIPPED
+
+
 def test_recipe_validation_errors_are_clear():
     with pytest.raises(SpikingBrainError, match="kind"):
         R.ConversionRecipe(stages=[R.Stage("dance", steps=1, lr=1e-3, batch_size=1)]).validate()

@@ -39,3 +39,12 @@ def test_lr_schedule_follows_steps_or_time_budget():
     assert progress_fraction(10, 1000, elapsed_s=60, budget_s=60) == 1.0
     assert progress_fraction(500, 1000, elapsed_s=1, budget_s=60) == 0.5
     assert progress_fraction(500, 1000, elapsed_s=1, budget_s=None) == 0.5
+
+
+def test_warmup_of_a_time_budgeted_run_ends_with_its_progress():
+    # 2000 nominal steps (warm-up 200) cut by a budget after ~50: at 10% of the budget the LR is
+    # at its peak (it used to be 6/200 of it, and the whole run stayed in warm-up)
+    assert warmup_cosine(5, 2000, 200, done=0.1) > 0.9
+    assert warmup_cosine(5, 2000, 200, done=0.05) < 0.6  # still warming up at 5%
+    # without a budget, the step count decides as before
+    assert math.isclose(warmup_cosine(4, 100, 10), 0.5 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.04))))

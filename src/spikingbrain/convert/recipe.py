@@ -16,7 +16,9 @@
 With a work directory, the state (trainable tensors, optimizer, stage, step) is checkpointed
 atomically every ``checkpoint_seconds`` and at each stage's end; running the same recipe on the
 same directory again continues where it stopped (every batch is a function of the step alone).
-A recipe that differs from the one the directory was started with is refused.
+A recipe that differs from the one the directory was started with is refused, except by stages
+appended at its end: a finished run then goes on with them (how the shipped delta was trained
+longer without redoing its first stages).
 """
 from __future__ import annotations
 
@@ -71,6 +73,13 @@ class ConversionRecipe:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def extends(self, started: "ConversionRecipe") -> bool:
+        """Whether this recipe is ``started`` (the one a work directory began with), possibly with
+        stages appended: then a finished run continues with the new stages."""
+        a, b = self.to_dict(), started.to_dict()
+        a_stages, b_stages = a.pop("stages"), b.pop("stages")
+        return a == b and a_stages[:len(b_stages)] == b_stages
+
     def validate(self) -> None:
         if not self.stages:
             raise SpikingBrainError("conversion recipe: no stages")
@@ -83,13 +92,17 @@ class ConversionRecipe:
                 raise SpikingBrainError(f"conversion recipe: stage {i} chat_fraction must be in [0, 1]")
 
 
-# The shipped delta's recipe: the long CPU run (scripts/train_conversion.py). Each stage ends at
-# its step count or its time budget, whichever comes first (~55 minutes of training in all).
+# The shipped delta's recipe (= recipes/conversion-shipped.json): the long CPU run
+# (scripts/train_conversion.py). Each stage ends at its step count or its time budget, whichever
+# comes first. The last two stages were appended to a finished run of the first three.
 SHIPPED = ConversionRecipe(cache_sequences=128, cache_seq_len=512, chat_examples=64, stages=[
-    Stage("transfer", steps=4000, lr=1e-3, batch_size=4, minutes=26),
-    Stage("distill", steps=2000, lr=2e-4, batch_size=2, seq_len=512, chat_fraction=0.5, minutes=14),
-    Stage("distill", steps=500, lr=1e-4, batch_size=1, seq_len=2048, chat_fraction=0.3, minutes=7),
+    Stage("transfer", steps=4000, lr=1e-3, batch_size=4, minutes=13),
+    Stage("distill", steps=2000, lr=2e-4, batch_size=2, seq_len=512, chat_fraction=0.5, minutes=6),
+    Stage("distill", steps=500, lr=1e-4, batch_size=1, seq_len=2048, chat_fraction=0.3, minutes=3),
+    Stage("distill", steps=2000, lr=3e-4, batch_size=2, seq_len=512, chat_fraction=0.5, minutes=38),
+    Stage("distill", steps=500, lr=1e-4, batch_size=1, seq_len=2048, chat_fraction=0.3, minutes=12),
 ])
+
 
 # `spikingbrain demo --from-scratch`: the same recipe on a ~10-minute budget (2 CPU cores).
 DEMO = ConversionRecipe(cache_sequences=48, cache_seq_len=512, checkpoint_seconds=1e9, stages=[
@@ -200,6 +213,12 @@ def _save_state(workdir: Path, params: dict, opt, stage: int, step: int, extra: 
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _checkpoints(workdir: Path) -> list[Path]:
     found = [p for p in workdir.glob("ckpt-*") if (p / "state.json").is_file()]
     return sorted(found, key=lambda p: p.name)
@@ -239,10 +258,13 @@ def run_conversion(teacher, tokenizer, recipe: ConversionRecipe, workdir: str | 
         wd.mkdir(parents=True, exist_ok=True)
         rpath = wd / "recipe.json"
         if rpath.is_file():
-            if json.loads(rpath.read_text()) != recipe.to_dict():
-                raise SpikingBrainError(f"{wd} was started with another recipe ({rpath}); use a new directory")
-        else:
-            rpath.write_text(json.dumps(recipe.to_dict(), indent=1))
+            started = ConversionRecipe.from_dict(json.loads(rpath.read_text()))
+            if not recipe.extends(started):
+                raise SpikingBrainError(f"{wd} was started with another recipe ({rpath}); use a new directory "
+                                        "(a recipe may only be extended by appending stages)")
+            if len(recipe.stages) > len(started.stages):
+                say(f"[convert] {wd}: recipe extended by {len(recipe.stages) - len(started.stages)} stage(s)")
+        _atomic_write(rpath, json.dumps(recipe.to_dict(), indent=1))
     for p in teacher.parameters():
         p.requires_grad_(False)
     prose = shipped_ids(tokenizer, "train")

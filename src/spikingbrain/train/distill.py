@@ -21,11 +21,16 @@ from spikingbrain.errors import SpikingBrainError
 from spikingbrain.train.objective import distill_kl
 
 
+WARMUP_FRACTION = 0.1  # the warm-up never takes more than this share of a run's progress
+
+
 def warmup_cosine(step: int, steps: int, warmup: int, floor: float = 0.1, done: float | None = None) -> float:
-    """LR factor at 0-based ``step``: linear warm-up over ``warmup`` steps, then cosine to
-    ``floor`` over the run's progress: ``step / steps``, or ``done`` (a fraction) when given."""
-    w = min(1.0, (step + 1) / max(1, warmup))
+    """LR factor at 0-based ``step``: linear warm-up, then cosine to ``floor`` over the run's
+    progress: ``step / steps``, or ``done`` (a fraction) when given. The warm-up ends after
+    ``warmup`` steps or at ``WARMUP_FRACTION`` of the progress, whichever comes first: a run cut
+    short by a time budget (a few dozen of its nominal steps) must not spend it warming up."""
     frac = min(1.0, step / max(1, steps) if done is None else done)
+    w = min(1.0, max((step + 1) / max(1, warmup), frac / WARMUP_FRACTION))
     return w * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
