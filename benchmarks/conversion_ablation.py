@@ -8,8 +8,8 @@ minutes (CPU time the training process used, all threads: on a shared machine a 
 buys fewer of them), top-1, KL, chat fidelity.
 
 Variants: ``prose-full`` (the old method: prose only, full-rank projections), ``chat-full``
-(+ chat data), ``chat-lowrank`` (+ rank-64 updates: the DEMO recipe), ``chat-lowrank-transfer``
-(attention transfer only, no end-to-end distillation).
+(+ chat data: the DEMO recipe), ``chat-lowrank`` (rank-64 updates instead, as the shipped delta),
+``chat-lowrank-transfer`` (attention transfer only, no end-to-end distillation).
 
     python3 benchmarks/conversion_ablation.py [--variants prose-full,chat-lowrank] [--minutes 6]
         [--tokens 4096] [--out benchmarks/results/conversion_ablation.json]
@@ -30,8 +30,8 @@ import torch
 VARIANTS = {
     "prose-full": {"lora_rank": 0, "cache_chat_fraction": 0.0, "chat_fraction": 0.0},
     "chat-full": {"lora_rank": 0},
-    "chat-lowrank": {},
-    "chat-lowrank-transfer": {"no_distill": True},
+    "chat-lowrank": {"lowrank": True},
+    "chat-lowrank-transfer": {"lowrank": True, "no_distill": True},
 }
 
 
@@ -44,6 +44,8 @@ def variant_recipe(base, name: str, minutes: float | None):
     v = VARIANTS[name]
     if "lora_rank" in v:
         r.lora_rank = v["lora_rank"]
+    if v.get("lowrank"):
+        r.lora_rank = r.lora_rank or 64  # the shipped delta's rank
     if "cache_chat_fraction" in v:
         r.cache_chat_fraction = v["cache_chat_fraction"]
     stages = [s for s in r.stages if not (v.get("no_distill") and s.kind == "distill")]

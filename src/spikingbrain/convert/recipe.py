@@ -94,18 +94,21 @@ class ConversionRecipe:
 
 # The shipped delta's recipe (= recipes/conversion-shipped.json): the long CPU run
 # (scripts/train_conversion.py). Each stage ends at its step count or its time budget, whichever
-# comes first. The last two stages were appended to a finished run of the first three.
+# comes first. Stages 3-4 were appended to a finished run of stages 0-2, then stage 5.
 SHIPPED = ConversionRecipe(cache_sequences=128, cache_seq_len=512, chat_examples=64, stages=[
     Stage("transfer", steps=4000, lr=1e-3, batch_size=4, minutes=13),
     Stage("distill", steps=2000, lr=2e-4, batch_size=2, seq_len=512, chat_fraction=0.5, minutes=6),
     Stage("distill", steps=500, lr=1e-4, batch_size=1, seq_len=2048, chat_fraction=0.3, minutes=3),
     Stage("distill", steps=2000, lr=3e-4, batch_size=2, seq_len=512, chat_fraction=0.5, minutes=38),
     Stage("distill", steps=500, lr=1e-4, batch_size=1, seq_len=2048, chat_fraction=0.3, minutes=12),
+    Stage("distill", steps=1000, lr=2e-4, batch_size=1, seq_len=1024, chat_fraction=0.5, minutes=22),
 ])
 
 
 # `spikingbrain demo --from-scratch`: the same recipe on a ~10-minute budget (2 CPU cores).
-DEMO = ConversionRecipe(cache_sequences=48, cache_seq_len=512, checkpoint_seconds=1e9, stages=[
+# Full-rank updates: on this budget they beat rank-64 ones (BENCHMARKS.md, conversion ablation);
+# the demo ships no delta, so their size does not matter here.
+DEMO = ConversionRecipe(lora_rank=0, cache_sequences=48, cache_seq_len=512, checkpoint_seconds=1e9, stages=[
     Stage("transfer", steps=400, lr=1e-3, batch_size=4, minutes=4.5),
     Stage("distill", steps=60, lr=2e-4, batch_size=2, seq_len=512, chat_fraction=0.5, minutes=2.0),
 ])
