@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 from spikingbrain.evaluation.bench import cpu_name
+from spikingbrain.parallel.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["Name a river.", "What is two plus two?", "Say hello.", "Give me a colour.", "Name a tree.",
@@ -63,12 +64,6 @@ def parse_args(argv=None):
     p.add_argument("--server-log", default=None, help="keep the server's log here")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pct(xs, q):

@@ -24,7 +24,6 @@ import datetime as dt
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,12 +49,6 @@ def parse_args(argv=None):
     p.add_argument("--startup-timeout", type=float, default=600)
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(url: str, body: dict, timeout: float = 600) -> dict:
@@ -145,6 +138,8 @@ def main(argv=None) -> int:
                                   "--dtype", "float32", "--max-num-seqs", str(max(levels)), "--max-model-len",
                                   str(args.prompt_tokens + args.max_tokens + 64), "--kv-cache-memory-bytes",
                                   str(2 * 2**30), "--no-enable-prefix-caching", "--disable-log-stats"]))
+    from spikingbrain.parallel.launch import free_port
+
     rows = []
     for name, cmd in servers:
         port = free_port()

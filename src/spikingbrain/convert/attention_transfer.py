@@ -73,7 +73,7 @@ def attention_transfer(
     runs after each step. Returns the log: one dict per step with the mean normalised MSE over
     layers.
     """
-    from spikingbrain.train.distill import make_optimizer, progress_fraction, trainable_only, warmup_cosine
+    from spikingbrain.train.distill import make_optimizer, schedule_step, trainable_only
 
     layers = sorted(io)
     mixers = {i: student.model.layers[i].self_attn for i in layers}
@@ -92,11 +92,8 @@ def attention_transfer(
     start = time.time()
     bar = tqdm(total=steps, initial=start_step, desc="attention transfer", disable=not progress)
     for step in range(start_step, steps):
-        elapsed = elapsed_before + time.time() - start
-        if time_budget_s is not None and elapsed > time_budget_s:
+        if not schedule_step(opt, lr, step, steps, warmup, elapsed_before + time.time() - start, time_budget_s):
             break
-        for g in opt.param_groups:
-            g["lr"] = lr * warmup_cosine(step, steps, warmup, done=progress_fraction(step, steps, elapsed, time_budget_s))
         idx = torch.randint(0, N, (batch_size,), generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
         total = 0.0
         opt.zero_grad(set_to_none=True)

@@ -43,6 +43,17 @@ def progress_fraction(step: int, steps: int, elapsed_s: float, budget_s: float |
     return min(1.0, frac)
 
 
+def schedule_step(opt, lr: float, step: int, steps: int, warmup: int, elapsed_s: float,
+                  budget_s: float | None) -> bool:
+    """Set the LR of ``opt`` for ``step`` (``warmup_cosine`` over ``progress_fraction``); False
+    when the time budget is spent (the run stops before this step)."""
+    if budget_s is not None and elapsed_s > budget_s:
+        return False
+    for g in opt.param_groups:
+        g["lr"] = lr * warmup_cosine(step, steps, warmup, done=progress_fraction(step, steps, elapsed_s, budget_s))
+    return True
+
+
 def make_optimizer(params, lr: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
 
@@ -76,11 +87,8 @@ def distill(student, teacher, batch_fn: Callable[[int], torch.Tensor], params: l
     try:
         budget = 60 * minutes if minutes else None
         for step in range(start_step, steps):
-            elapsed = elapsed_before + time.time() - start
-            if budget is not None and elapsed > budget:
+            if not schedule_step(opt, lr, step, steps, warmup, elapsed_before + time.time() - start, budget):
                 break
-            for g in opt.param_groups:
-                g["lr"] = lr * warmup_cosine(step, steps, warmup, done=progress_fraction(step, steps, elapsed, budget))
             ids = batch_fn(step).to(device)
             with torch.no_grad():
                 t_logits = teacher(input_ids=ids, use_cache=False).logits
