@@ -6,13 +6,14 @@ instructions (hand-written below, plus topic x task combinations generated here;
 from elsewhere) answered by SmolLM2-135M-Instruct greedily, so the student learns the teacher's
 own chat behaviour. Held-out instructions use topics and phrasings that never occur in train.
 
-    python3 scripts/make_chat_data.py [--train 64] [--valid 25] [--max-new-tokens 96] [--batch 32]
+    python3 scripts/make_chat_data.py [--train 550] [--valid 25] [--max-new-tokens 96] [--batch 32]
 
 Writes ``src/spikingbrain/data/chat_{train,valid}.jsonl`` (``{"id", "messages", "finished"}``),
 appending: a killed run continues where it stopped, and a larger ``--train`` adds instructions
-after the shipped ones (recipes pin how many they use: ``ConversionRecipe.chat_examples``). The
-shipped files are this command's defaults (64 + 25: on the shared 2-core machine the teacher
-answered ~3 instructions a minute).
+after the shipped ones (recipes pin how many they use: ``ConversionRecipe.chat_examples`` and
+``Stage.chat_examples``). The shipped files are this command's defaults: 550 + 25 (the first 64
+training answers were made first; the other 486 were appended later by the same command; the
+teacher answers ~120 instructions a minute in batches of 32 on 2 CPU cores).
 """
 from __future__ import annotations
 
@@ -124,7 +125,7 @@ def answer_all(teacher, tok, items: list[tuple[str, str]], path: Path, max_new_t
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--train", type=int, default=64)
+    p.add_argument("--train", type=int, default=550)
     p.add_argument("--valid", type=int, default=25)
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--batch", type=int, default=32)

@@ -104,6 +104,44 @@ def test_a_finished_run_goes_on_with_appended_stages(tmp_path, tiny):
         R.run_conversion(teacher, tok, changed, tmp_path / "b", progress=False, say=lambda m: None)
 
 
+def test_a_stage_may_draw_on_more_chat_examples_than_the_recipe(tmp_path, tiny, monkeypatch):
+    from spikingbrain.convert.chat_data import chat_stream
+
+    teacher, tok = tiny
+    seen = []
+    real = R.mixed_windows
+
+    def recording(prose, chat, n, T, frac, seed):
+        seen.append(chat.numel())
+        return real(prose, chat, n, T, frac, seed)
+
+    monkeypatch.setattr(R, "mixed_windows", recording)
+    r = small_recipe(chat_examples=2)
+    r.stages.append(R.Stage("distill", steps=2, lr=1e-3, batch_size=2, seq_len=24, chat_fraction=0.5, chat_examples=5))
+    R.run_conversion(teacher, tok, r, None, progress=False, say=lambda m: None)
+    two, five = chat_stream(tok, "train", 2).numel(), chat_stream(tok, "train", 5).numel()
+    # the transfer cache and stage 1 use the recipe's 2 examples, stage 2 its own 5
+    assert seen == [two] + [two] * 4 + [five] * 2
+    # a work directory started before stages had the field still accepts its recipe
+    old = small_recipe().to_dict()
+    for st in old["stages"]:
+        del st["chat_examples"]
+    assert small_recipe().extends(R.ConversionRecipe.from_dict(old))
+    with pytest.raises(SpikingBrainError, match="chat_examples"):
+        R.ConversionRecipe(stages=[R.Stage("distill", steps=1, lr=1e-3, batch_size=1, chat_examples=0)]).validate()
+
+
+def test_one_window_batches_get_their_share_of_chat():
+    prose, chat = torch.zeros(5000, dtype=torch.long), torch.ones(5000, dtype=torch.long)
+    for frac in (0.3, 0.5):
+        got = [R.mixed_windows(prose, chat, 1, 16, frac, seed)[0, 0].item() for seed in range(400)]
+        assert abs(sum(got) / 400 - frac) < 0.08  # rounding alone gave 0 chat windows for both
+    # batches that hold their share: exactly round(n * fraction), the chat ones first
+    w = R.mixed_windows(prose, chat, 4, 16, 0.5, 7)
+    assert w[:, 0].tolist() == [1, 1, 0, 0]
+    assert R.mixed_windows(prose, None, 1, 16, 0.9, 7)[0, 0].item() == 0
+
+
 def test_the_shipped_recipe_is_the_file_in_recipes():
     from pathlib import Path
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ class Stage:
     chat_fraction: float = 0.0  # distill only
     ce_weight: float = 0.0
     minutes: float | None = None  # the stage's time budget (all runs of it together), or None
+    chat_examples: int | None = None  # distill only: the first N shipped chat examples (None: the recipe's)
 
 
 @dataclass
@@ -90,11 +92,14 @@ class ConversionRecipe:
                 raise SpikingBrainError(f"conversion recipe: stage {i} needs steps, batch_size, seq_len >= 1 and lr > 0")
             if not 0.0 <= s.chat_fraction <= 1.0:
                 raise SpikingBrainError(f"conversion recipe: stage {i} chat_fraction must be in [0, 1]")
+            if s.chat_examples is not None and s.chat_examples < 1:
+                raise SpikingBrainError(f"conversion recipe: stage {i} chat_examples must be >= 1 (or null)")
 
 
 # The shipped delta's recipe (= recipes/conversion-shipped.json): the long CPU run
 # (scripts/train_conversion.py). Each stage ends at its step count or its time budget, whichever
-# comes first. Stages 3-4 were appended to a finished run of stages 0-2, then stage 5.
+# comes first. Stages 3-4 were appended to a finished run of stages 0-2, then stage 5, then
+# stages 6-7 (with 550 chat examples: the first 64 plus 486 made later by the same script).
 SHIPPED = ConversionRecipe(cache_sequences=128, cache_seq_len=512, chat_examples=64, stages=[
     Stage("transfer", steps=4000, lr=1e-3, batch_size=4, minutes=13),
     Stage("distill", steps=2000, lr=2e-4, batch_size=2, seq_len=512, chat_fraction=0.5, minutes=6),
@@ -102,13 +107,15 @@ SHIPPED = ConversionRecipe(cache_sequences=128, cache_seq_len=512, chat_examples
     Stage("distill", steps=2000, lr=3e-4, batch_size=2, seq_len=512, chat_fraction=0.5, minutes=38),
     Stage("distill", steps=500, lr=1e-4, batch_size=1, seq_len=2048, chat_fraction=0.3, minutes=12),
     Stage("distill", steps=1000, lr=2e-4, batch_size=1, seq_len=1024, chat_fraction=0.5, minutes=22),
+    Stage("distill", steps=1000, lr=3e-4, batch_size=1, seq_len=1024, chat_fraction=0.5, minutes=50, chat_examples=550),
+    Stage("distill", steps=500, lr=1.5e-4, batch_size=1, seq_len=2048, chat_fraction=0.3, minutes=35, chat_examples=550),
 ])
 
 
 # `spikingbrain demo --from-scratch`: the same recipe on a ~10-minute budget (2 CPU cores).
 # Full-rank updates: on this budget they beat rank-64 ones (BENCHMARKS.md, conversion ablation);
 # the demo ships no delta, so their size does not matter here.
-DEMO = ConversionRecipe(lora_rank=0, cache_sequences=48, cache_seq_len=512, checkpoint_seconds=1e9, stages=[
+DEMO = ConversionRecipe(lora_rank=0, cache_sequences=48, cache_seq_len=512, chat_examples=64, checkpoint_seconds=1e9, stages=[
     Stage("transfer", steps=400, lr=1e-3, batch_size=4, minutes=4.5),
     Stage("distill", steps=60, lr=2e-4, batch_size=2, seq_len=512, chat_fraction=0.5, minutes=2.0),
 ])
@@ -126,9 +133,12 @@ def windows(stream: torch.Tensor, n: int, T: int, generator: torch.Generator) ->
 def mixed_windows(prose: torch.Tensor, chat: torch.Tensor | None, n: int, T: int, chat_fraction: float,
                   seed: int) -> torch.Tensor:
     """``n`` windows, ``round(n * chat_fraction)`` of them from ``chat`` (the first ones), the
-    rest from ``prose``; a function of ``seed`` alone."""
+    rest from ``prose``; a function of ``seed`` alone. A batch too small to hold its share
+    (``n * chat_fraction < 1``, e.g. one window) is one chat window with probability
+    ``n * chat_fraction``: rounding alone gave such batches no chat at all."""
     g = torch.Generator().manual_seed(seed)
-    n_chat = int(round(n * chat_fraction)) if chat is not None else 0
+    share = n * chat_fraction if chat is not None else 0.0
+    n_chat = int(round(share)) if share >= 1 else int(random.Random(seed).random() < share)
     parts = []
     if n_chat:
         parts.append(windows(chat, n_chat, T, g))
@@ -271,7 +281,11 @@ def run_conversion(teacher, tokenizer, recipe: ConversionRecipe, workdir: str | 
     for p in teacher.parameters():
         p.requires_grad_(False)
     prose = shipped_ids(tokenizer, "train")
-    chat = chat_stream(tokenizer, "train", recipe.chat_examples)
+    chats = {recipe.chat_examples: chat_stream(tokenizer, "train", recipe.chat_examples)}
+    for s in recipe.stages:  # a stage may draw on more (later-made) chat examples than the recipe
+        if s.chat_examples is not None and s.chat_examples not in chats:
+            chats[s.chat_examples] = chat_stream(tokenizer, "train", s.chat_examples)
+    chat = chats[recipe.chat_examples]
     student, params = prepare_student(teacher, tokenizer, recipe, prose)
     plist = list(params.values())
     device = next(teacher.parameters()).device
@@ -318,8 +332,10 @@ def run_conversion(teacher, tokenizer, recipe: ConversionRecipe, workdir: str | 
             del io
             summary = {"nmse_first": log[0]["nmse"] if log else None, "nmse_last": log[-1]["nmse"] if log else None}
         else:
-            def batch_fn(step, s=s, si=si):
-                return mixed_windows(prose, chat, s.batch_size, s.seq_len, s.chat_fraction,
+            stage_chat = chats[s.chat_examples] if s.chat_examples is not None else chat
+
+            def batch_fn(step, s=s, si=si, stage_chat=stage_chat):
+                return mixed_windows(prose, stage_chat, s.batch_size, s.seq_len, s.chat_fraction,
                                      recipe.seed * 7919 + 1000 * si + step)
             log = distill(student, teacher, batch_fn, plist, steps=s.steps, lr=s.lr, ce_weight=s.ce_weight,
                           minutes=s.minutes, elapsed_before=before, start_step=start, optimizer=opt, on_step=on_step, progress=progress)
