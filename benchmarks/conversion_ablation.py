@@ -9,7 +9,9 @@ buys fewer of them), top-1, KL, chat fidelity.
 
 Variants: ``prose-full`` (the old method: prose only, full-rank projections), ``chat-full``
 (+ chat data: the DEMO recipe), ``chat-lowrank`` (rank-64 updates instead, as the shipped delta),
-``chat-lowrank-transfer`` (attention transfer only, no end-to-end distillation).
+``chat-lowrank-transfer`` (attention transfer only, no end-to-end distillation),
+``chat-full-distill-heavy`` / ``chat-full-transfer-heavy`` (the same budget split 40/60 or
+85/15 between transfer and distillation instead of 70/30), ``chat-full-550`` (all 550 shipped chat examples instead of the first 64).
 
     python3 benchmarks/conversion_ablation.py [--variants prose-full,chat-lowrank] [--minutes 6]
         [--tokens 4096] [--out benchmarks/results/conversion_ablation.json]
@@ -32,6 +34,9 @@ VARIANTS = {
     "chat-full": {"lora_rank": 0},
     "chat-lowrank": {"lowrank": True},
     "chat-lowrank-transfer": {"lowrank": True, "no_distill": True},
+    "chat-full-distill-heavy": {"lora_rank": 0, "transfer_share": 0.4},
+    "chat-full-transfer-heavy": {"lora_rank": 0, "transfer_share": 0.85},
+    "chat-full-550": {"lora_rank": 0, "chat_examples": 550},
 }
 
 
@@ -48,8 +53,15 @@ def variant_recipe(base, name: str, minutes: float | None):
         r.lora_rank = r.lora_rank or 64  # the shipped delta's rank
     if "cache_chat_fraction" in v:
         r.cache_chat_fraction = v["cache_chat_fraction"]
+    if "chat_examples" in v:
+        r.chat_examples = v["chat_examples"]
     stages = [s for s in r.stages if not (v.get("no_distill") and s.kind == "distill")]
     total = sum(s.minutes or 0 for s in stages)
+    if "transfer_share" in v:  # the same total budget, split differently between the two kinds
+        by_kind = {k: sum(s.minutes or 0 for s in stages if s.kind == k) for k in ("transfer", "distill")}
+        share = {"transfer": v["transfer_share"], "distill": 1 - v["transfer_share"]}
+        for s in stages:
+            s.minutes = (s.minutes or 0) / by_kind[s.kind] * share[s.kind] * total
     for s in stages:
         if "chat_fraction" in v and s.kind == "distill":
             s.chat_fraction = v["chat_fraction"]

@@ -38,6 +38,20 @@ def test_ablation_runs_every_variant_on_a_tiny_model(tmp_path):
     assert by["prose-full"]["recipe"]["cache_chat_fraction"] == 0.0
 
 
+def test_ablation_variants_change_one_thing_on_the_same_budget():
+    from spikingbrain.convert.recipe import DEMO
+
+    abl = _load("conversion_ablation", "benchmarks/conversion_ablation.py")
+    total = sum(s.minutes for s in DEMO.stages)
+    heavy = abl.variant_recipe(DEMO, "chat-full-distill-heavy", None)
+    mins = {s.kind: s.minutes for s in heavy.stages}
+    assert mins["transfer"] == pytest.approx(0.4 * total) and mins["distill"] == pytest.approx(0.6 * total)
+    assert abl.variant_recipe(DEMO, "chat-full-550", None).chat_examples == 550
+    assert DEMO.chat_examples == 64 and [s.minutes for s in DEMO.stages] == [4.5, 2.0]  # DEMO itself untouched
+    scaled = abl.variant_recipe(DEMO, "chat-full-distill-heavy", 13.0)
+    assert sum(s.minutes for s in scaled.stages) == pytest.approx(13.0)
+
+
 def test_ablation_refuses_an_unknown_variant():
     from spikingbrain.convert.recipe import DEMO
     from spikingbrain.errors import SpikingBrainError
