@@ -11,7 +11,8 @@ Variants: ``prose-full`` (the old method: prose only, full-rank projections), ``
 (+ chat data: the DEMO recipe), ``chat-lowrank`` (rank-64 updates instead, as the shipped delta),
 ``chat-lowrank-transfer`` (attention transfer only, no end-to-end distillation),
 ``chat-full-distill-heavy`` / ``chat-full-transfer-heavy`` (the same budget split 40/60 or
-85/15 between transfer and distillation instead of 70/30), ``chat-full-550`` (all 550 shipped chat examples instead of the first 64).
+85/15 between transfer and distillation instead of 70/30), ``chat-full-550`` (all 550 shipped
+chat examples instead of the first 64).
 
     python3 benchmarks/conversion_ablation.py [--variants prose-full,chat-lowrank] [--minutes 6]
         [--tokens 4096] [--out benchmarks/results/conversion_ablation.json]
