@@ -30,6 +30,9 @@ def main(argv=None) -> int:
     p.add_argument("--recipe", default="shipped", help="shipped, demo, or a JSON file (ConversionRecipe fields)")
     p.add_argument("--export-only", action="store_true", help="write the delta from the latest checkpoint, no training")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="where teacher and student run: cpu, cuda, cuda:1, ...")
+    p.add_argument("--factors", choices=["fp16", "int8"], default="fp16",
+                   help="how the delta stores low-rank factors (int8: half the size, per-row scales)")
     p.add_argument("--max-mb", type=float, default=10.0, help="refuse to write a larger delta")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -45,7 +48,14 @@ def main(argv=None) -> int:
     else:
         recipe = R.ConversionRecipe.from_dict(json.loads(Path(args.recipe).read_text()))
     t0 = time.time()
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise SpikingBrainError(f"--device {args.device!r}: not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpikingBrainError(f"--device {args.device}: this torch has no CUDA device (use --device cpu)")
     teacher, tok = load_teacher()
+    teacher.to(device)
     wd = Path(args.workdir)
     if args.export_only:
         ck = R.latest_state(wd)
@@ -62,12 +72,16 @@ def main(argv=None) -> int:
         "command": "python3 scripts/train_conversion.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "recipe": json.dumps(recipe.to_dict()),
         "stages": json.dumps(report["stages"]),
-        "provenance": f"{dt.date.today().isoformat()}, CPU {platform.machine()}, {args.threads} threads; attention "
+        "provenance": f"{dt.date.today().isoformat()}, "
+                      + (f"CPU {platform.machine()}, {args.threads} threads" if device.type == "cpu" else str(device))
+                      + f"; attention "
                       f"transfer {tokens['transfer']:,} tokens per layer + distillation {tokens['distill']:,} tokens "
-                      f"(shipped prose + chat data)",
+                      f"(shipped prose + chat data); rank-{recipe.lora_rank} GLA projection updates"
+                      + (f", rank-{recipe.ffn_rank} FFN updates" if recipe.ffn_rank else "")
+                      + f", {args.factors} factors",
         "torch": torch.__version__,
     }
-    size = save_delta(student, teacher, args.out, meta)
+    size = save_delta(student, teacher, args.out, meta, factors=args.factors)
     if size > args.max_mb * 1e6:
         Path(args.out).unlink()
         raise SpikingBrainError(f"the delta is {size / 1e6:.1f} MB, over --max-mb {args.max_mb}")

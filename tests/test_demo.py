@@ -96,6 +96,24 @@ def test_delta_load_errors_are_clear(tmp_path):
     save_file(tensors, str(tmp_path / "short.safetensors"), metadata=meta)
     with pytest.raises(SpikingBrainError, match="lacks 1 GLA parameters"):
         apply_delta(student, teacher, tmp_path / "short.safetensors")
+    # int8 factors without their scale
+    from spikingbrain.train.recipe import LoRASpec
+    from spikingbrain.train.trainable import apply_lora
+
+    wrapped = convert_from_transformer(teacher, layout="7b")
+    apply_lora(wrapped, LoRASpec(rank=2, alpha=2, targets=[r"model\.layers\.\d+\.mlp\.up_proj"]))
+    save_delta(wrapped, teacher, tmp_path / "q.safetensors", {}, factors="int8")
+    tensors = load_file(str(tmp_path / "q.safetensors"))
+    del tensors[next(n for n in tensors if n.endswith("lora_A.scale"))]
+    save_file(tensors, str(tmp_path / "noscale.safetensors"), metadata=meta)
+    with pytest.raises(SpikingBrainError, match="scale is missing"):
+        apply_delta(student, teacher, tmp_path / "noscale.safetensors")
+    with pytest.raises(SpikingBrainError, match="factors"):
+        save_delta(wrapped, teacher, tmp_path / "x.safetensors", {}, factors="int4")
+    # a file in the first format (no FFN updates, fp16 factors) still reads
+    save_file(load_file(str(tmp_path / "d.safetensors")), str(tmp_path / "v1.safetensors"),
+              metadata={**meta, "format": "spikingbrain-conversion-delta/1"})
+    apply_delta(student, teacher, tmp_path / "v1.safetensors")
 
 
 def test_sample_sequences_is_seeded_and_checks_length():
@@ -107,16 +125,22 @@ def test_sample_sequences_is_seeded_and_checks_length():
         sample_sequences(torch.arange(10), 1, 32, seed=0)
 
 
-def test_distill_lowers_kl_and_only_trains_gla_layers():
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_distill_lowers_kl_and_only_trains_gla_layers(precision):
     torch.set_num_threads(1)
     teacher = tiny_llama()
     student = convert_from_transformer(teacher, layout="7b", sliding_window=64)
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     batches = torch.randint(0, 64, (16, 24), generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(0)
+    dtypes = set()
+    for m in (student.lm_head, teacher.lm_head):
+        m.register_forward_hook(lambda mod, args, out: dtypes.add(out.dtype))
     log = distill(student, teacher, lambda step: batches[torch.randint(0, 16, (4,), generator=g)],
-                  list(_gla_params(student).values()), steps=30, lr=3e-3, progress=False)
+                  list(_gla_params(student).values()), steps=30, lr=3e-3, progress=False, precision=precision)
     assert len(log) == 30
+    assert dtypes == {torch.bfloat16 if precision == "bf16" else torch.float32}
+    assert all(p.dtype == torch.float32 for p in student.parameters())  # autocast: the weights stay fp32
     first = sum(r["kl"] for r in log[:5]) / 5
     last = sum(r["kl"] for r in log[-5:]) / 5
     assert last < first

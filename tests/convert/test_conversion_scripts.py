@@ -47,6 +47,8 @@ def test_ablation_variants_change_one_thing_on_the_same_budget():
     mins = {s.kind: s.minutes for s in heavy.stages}
     assert mins["transfer"] == pytest.approx(0.4 * total) and mins["distill"] == pytest.approx(0.6 * total)
     assert abl.variant_recipe(DEMO, "chat-full-550", None).chat_examples == 550
+    assert {s.precision for s in abl.variant_recipe(DEMO, "chat-full", None).stages} == {"fp32"}
+    assert abl.variant_recipe(DEMO, "chat-full-bf16", None) == DEMO  # the demo's recipe is a measured row
     assert DEMO.chat_examples == 64 and [s.minutes for s in DEMO.stages] == [4.5, 2.0]  # DEMO itself untouched
     scaled = abl.variant_recipe(DEMO, "chat-full-distill-heavy", 13.0)
     assert sum(s.minutes for s in scaled.stages) == pytest.approx(13.0)
@@ -98,3 +100,18 @@ def test_shipped_chat_data_formatting():
 
     with pytest.raises(SpikingBrainError, match="wants 99 chat examples"):
         chat_stream(tok, "valid", limit=99)
+
+
+@pytest.mark.teacher
+@needs_tok
+def test_conversion_step_benchmark_runs_both_precisions_on_a_tiny_model(tmp_path):
+    bench = _load("conversion_step", "benchmarks/conversion_step.py")
+    out = tmp_path / "step.json"
+    assert bench.main(["--tiny", "--seq-len", "32", "--batch", "2", "--rounds", "1", "--steps", "2",
+                       "--threads", "1", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [r["step"] for r in res["rows"]] == ["distill", "transfer"]
+    for r in res["rows"]:
+        assert r["fp32_s"] > 0 and r["bf16_s"] > 0 and r["speedup_bf16"] > 0
+    d = res["rows"][0]
+    assert abs(d["kl_bf16"] - d["kl_fp32"]) < 0.05 * d["kl_fp32"] + 1e-3

@@ -149,6 +149,15 @@ def test_the_shipped_recipe_is_the_file_in_recipes():
     assert R.ConversionRecipe.from_dict(json.loads(path.read_text())) == R.SHIPPED
 
 
+def test_the_gpu_recipe_is_valid():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "recipes" / "conversion-gpu.json"
+    r = R.ConversionRecipe.from_dict(json.loads(path.read_text()))
+    r.validate()
+    assert r.ffn_rank == R.SHIPPED.ffn_rank and r.lora_rank == R.SHIPPED.lora_rank  # its delta fits the same budget
+
+
 def test_recipe_validation_errors_are_clear():
     with pytest.raises(SpikingBrainError, match="kind"):
         R.ConversionRecipe(stages=[R.Stage("dance", steps=1, lr=1e-3, batch_size=1)]).validate()
@@ -156,22 +165,99 @@ def test_recipe_validation_errors_are_clear():
         R.ConversionRecipe(stages=[R.Stage("distill", steps=1, lr=1e-3, batch_size=1, chat_fraction=2)]).validate()
     with pytest.raises(SpikingBrainError, match="unknown fields"):
         R.ConversionRecipe.from_dict({"stages": [], "bogus": 1})
+    with pytest.raises(SpikingBrainError, match="precision"):
+        R.ConversionRecipe(stages=[R.Stage("distill", steps=1, lr=1e-3, batch_size=1, precision="fp8")]).validate()
+    with pytest.raises(SpikingBrainError, match="transfer stage"):
+        R.ConversionRecipe(stages=[R.Stage("transfer", steps=1, lr=1e-3, batch_size=1, ffn_lora_rank=4)]).validate()
+    with pytest.raises(SpikingBrainError, match="share one ffn_lora_rank"):
+        R.ConversionRecipe(stages=[R.Stage("distill", steps=1, lr=1e-3, batch_size=1, ffn_lora_rank=r)
+                                   for r in (4, 8)]).validate()
 
 
-def test_lowrank_result_round_trips_through_the_delta(tmp_path, tiny):
+@pytest.mark.parametrize("factors,tol", [("fp16", 1e-3), ("int8", 2e-2)])
+@pytest.mark.parametrize("ffn", [False, True])
+def test_lowrank_result_round_trips_through_the_delta(tmp_path, tiny, factors, tol, ffn):
     from spikingbrain.convert.delta import apply_delta, load_delta_metadata, save_delta
     from spikingbrain.convert.mapping import convert_from_transformer
+    from safetensors.torch import load_file
 
     teacher, tok = tiny
     r = small_recipe()
+    r.stages[1].ffn_lora_rank = 3 if ffn else 0
     student, _ = R.run_conversion(teacher, tok, r, None, progress=False, say=lambda m: None)
-    save_delta(student, teacher, tmp_path / "d.safetensors", {"command": "test", "recipe": r.to_dict()})
+    save_delta(student, teacher, tmp_path / "d.safetensors", {"command": "test", "recipe": r.to_dict()}, factors=factors)
     meta = load_delta_metadata(tmp_path / "d.safetensors")
     assert meta["command"] == "test" and json.loads(meta["recipe"])["lora_rank"] == 4
+    stored = load_file(str(tmp_path / "d.safetensors"))
+    assert any(".mlp." in n for n in stored) == ffn
+    assert {t.dtype for n, t in stored.items() if ".lora_" in n and not n.endswith(".scale")} == \
+        {torch.int8 if factors == "int8" else torch.float16}
     fresh = convert_from_transformer(teacher, layout="7b", sliding_window=16, tokenizer=tok)
     apply_delta(fresh, teacher, tmp_path / "d.safetensors")
     ids = torch.randint(0, len(tok), (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want, got = student(input_ids=ids).logits, fresh(input_ids=ids).logits
-    # fp16 factors: the merged model computes what the trained one did, to fp16 precision
-    assert (want - got).abs().max() < 1e-3 * want.abs().max()
+        base = convert_from_transformer(teacher, layout="7b", sliding_window=16, tokenizer=tok)(input_ids=ids).logits
+    # the merged model computes what the trained one did, to the factors' precision ...
+    assert (want - got).abs().max() < tol * (want - base).abs().max()
+    # ... and the FFN updates are part of it: a student without them differs by more
+    if ffn:
+        gla_only = {n: t for n, t in stored.items() if ".mlp." not in n}
+        from safetensors.torch import save_file
+        save_file(gla_only, str(tmp_path / "g.safetensors"), metadata=dict(meta))
+        partial = convert_from_transformer(teacher, layout="7b", sliding_window=16, tokenizer=tok)
+        apply_delta(partial, teacher, tmp_path / "g.safetensors")
+        with torch.no_grad():
+            assert (want - partial(input_ids=ids).logits).abs().max() > 3 * (want - got).abs().max()
+
+
+def test_a_stage_may_train_the_ffns_too(tmp_path, tiny, monkeypatch):
+    """An appended stage with ``ffn_lora_rank`` trains FFN updates on top of a finished run (how
+    the shipped delta gained them); earlier stages leave them at zero; a kill inside that stage
+    resumes exactly; the whole recipe in one go gives the same result."""
+    teacher, tok = tiny
+    r = small_recipe()
+    r.stages.append(R.Stage("distill", steps=4, lr=1e-3, batch_size=2, seq_len=24, chat_fraction=0.5,
+                            ffn_lora_rank=2, precision="bf16"))
+    whole, _ = R.run_conversion(teacher, tok, r, tmp_path / "a", progress=False, say=lambda m: None)
+    ffn_a = {n: p.detach().clone() for n, p in whole.named_parameters() if ".mlp." in n and ".lora_" in n}
+    assert len(ffn_a) == 2 * 3 * 4  # A and B of gate/up/down in each of the 4 layers
+    assert all(p.abs().sum() > 0 for n, p in ffn_a.items() if n.endswith("lora_B"))
+
+    first = small_recipe()
+    early, _ = R.run_conversion(teacher, tok, first, tmp_path / "b", progress=False, say=lambda m: None)
+    saves, real_save = [], R._save_state
+
+    def killed_in_the_ffn_stage(*a, **k):
+        real_save(*a, **k)
+        saves.append(a[3:5])
+        if a[3:5] == (2, 2):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(R, "_save_state", killed_in_the_ffn_stage)
+    with pytest.raises(KeyboardInterrupt):
+        R.run_conversion(teacher, tok, r, tmp_path / "b", progress=False, say=lambda m: None)
+    monkeypatch.setattr(R, "_save_state", real_save)
+    said = []
+    resumed, _ = R.run_conversion(teacher, tok, r, tmp_path / "b", progress=False, say=said.append)
+    assert any("resumed from ckpt-02-0000002" in m for m in said)
+    got = {n: p.detach() for n, p in resumed.named_parameters() if ".mlp." in n and ".lora_" in n}
+    for n in ffn_a:
+        torch.testing.assert_close(got[n], ffn_a[n], rtol=1e-5, atol=1e-6, msg=n)
+    for n, t in _trained(whole).items():
+        torch.testing.assert_close(_trained(resumed)[n], t, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_a_checkpoint_must_hold_the_recipes_parameters(tmp_path, tiny):
+    teacher, tok = tiny
+    R.run_conversion(teacher, tok, small_recipe(), tmp_path, progress=False, say=lambda m: None)
+    ck = R.latest_state(tmp_path)
+    other_rank = small_recipe()
+    other_rank.lora_rank = 2  # same names, other shapes: caught when copying
+    _, params = R.prepare_student(teacher, tok, other_rank, torch.arange(500))
+    with pytest.raises(SpikingBrainError, match="does not match"):
+        R._load_params(ck, params)
+    _, params = R.prepare_student(teacher, tok, small_recipe(), torch.arange(500))
+    params.pop(next(iter(params)))
+    with pytest.raises(SpikingBrainError, match="does not match"):
+        R._load_params(ck, params)

@@ -180,6 +180,17 @@ def test_low_precision_inputs():
     assert_close_rel(s, ref[1], 2e-2)
 
 
+@pytest.mark.parametrize("mode", ["chunk", "recurrent", "naive"])
+def test_autocast_leaves_the_state_math_in_fp32(mode):
+    """Under bf16 autocast (the conversion's bf16 stages) the op computes exactly what it does
+    without: bf16 matmuls of the exp(cumulative gate) factors would lose ~2 digits."""
+    q, k, v, g, s0 = make_inputs(70, seed=9, dtype=torch.float32, gate_scale=4.0)
+    want = gla(q, k, v, g, initial_state=s0, output_final_state=True, mode=mode)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = gla(q, k, v, g, initial_state=s0, output_final_state=True, mode=mode)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_auto_on_cpu_is_chunk_or_recurrent():
     q, k, v, g, s0 = make_inputs(65, seed=8)
     auto = gla(q, k, v, g, initial_state=s0, output_final_state=True, mode="auto")

@@ -59,6 +59,7 @@ def attention_transfer(
     start_step: int = 0,
     optimizer=None,
     on_step=None,
+    precision: str = "fp32",
 ) -> list[dict]:
     """Train the GLA mixers of ``student`` on the teacher's ``io`` (see ``collect_teacher_io``;
     the tensors may be memory-mapped from the activation cache on disk).
@@ -70,10 +71,11 @@ def attention_transfer(
     budget is further along). Step ``s`` draws its batch from
     a generator seeded by ``(seed, s)`` and its learning rate from ``s`` alone, so a run resumed
     with the checkpointed ``optimizer`` continues exactly. ``on_step(step + 1, optimizer, rec)``
-    runs after each step. Returns the log: one dict per step with the mean normalised MSE over
+    runs after each step. ``precision="bf16"``: the mixers' forwards under bf16 autocast, the
+    loss in fp32. Returns the log: one dict per step with the mean normalised MSE over
     layers.
     """
-    from spikingbrain.train.distill import make_optimizer, schedule_step, trainable_only
+    from spikingbrain.train.distill import autocast, make_optimizer, schedule_step, trainable_only
 
     layers = sorted(io)
     mixers = {i: student.model.layers[i].self_attn for i in layers}
@@ -100,7 +102,8 @@ def attention_transfer(
         for i in layers:
             x = io[i][0][idx].to(device=device, dtype=torch.float32)
             y = io[i][1][idx].to(device=device, dtype=torch.float32)
-            out = mixers[i](x, ctx)
+            with autocast(precision, device):
+                out = mixers[i](x, ctx).float()
             loss = (out - y).pow(2).mean() / y.pow(2).mean().clamp_min(1e-8)
             loss.backward()
             total += float(loss.detach())

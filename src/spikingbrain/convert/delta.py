@@ -1,12 +1,17 @@
 """A trained conversion stored as what it changed: the delta file.
 
-A converted student differs from its teacher only in the GLA mixers. The file (safetensors)
-holds, per GLA layer:
+A converted student differs from its teacher in the GLA mixers and, when the recipe trained
+them, in low-rank updates of the FFNs. The file (safetensors) holds, per GLA layer:
 
 - ``{name}.lora_A`` ``[r, in]`` and ``{name}.lora_B`` ``[out, r]`` (fp16, scaling folded into
-  ``B``) for a projection trained as a low-rank update: ``W = W_teacher + B A``;
+  ``B``) for a projection trained as a low-rank update: ``W = W_teacher + B A``; stored as int8
+  with a per-row fp16 ``{...}.scale`` ``[rows, 1]`` when saved with ``factors="int8"`` (half the
+  size; the update's error is ~0.3% of its own size, not of the weight's);
 - ``{name}.delta`` (bf16) for a projection trained in full: ``W = W_teacher + delta``;
-- ``{name}`` (fp32) for parameters the teacher does not have (gate, output norm).
+- ``{name}`` (fp32) for parameters the teacher does not have (gate, output norm);
+
+and, for any layer whose FFN trained (``FFN_TARGETS``), the same ``lora_A``/``lora_B`` pair for
+``model.layers.{i}.mlp.{gate,up,down}_proj.weight``.
 
 Its metadata says what it belongs to and where it came from: ``format``,
 ``teacher_fingerprint`` (a hash of the teacher's weights it was trained against),
@@ -19,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -26,10 +32,14 @@ from torch import nn
 
 from spikingbrain.errors import SpikingBrainError
 
-FORMAT = "spikingbrain-conversion-delta/1"
+FORMAT = "spikingbrain-conversion-delta/2"  # /2 adds FFN updates and int8 factors
+READABLE = ("spikingbrain-conversion-delta/1", FORMAT)
 # the trained conversion of the default teacher (7B layout) that the package ships
 SHIPPED_DELTA = "smollm2-135m-instruct-7b.safetensors"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# the FFN projections a conversion may train as low-rank updates (every layer's)
+FFN_TARGETS = r"model\.layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj)"
+FACTORS = ("fp16", "int8")
 
 
 def shipped_delta_path() -> Path:
@@ -68,14 +78,36 @@ def gla_params(model) -> dict[str, nn.Parameter]:
     return out
 
 
-def _teacher_param(teacher, i: int, proj: str, kind: str) -> torch.Tensor:
-    return getattr(getattr(teacher.model.layers[i].self_attn, proj), kind).detach().float().cpu()
+def _teacher_param(teacher, name: str) -> torch.Tensor:
+    """The teacher's parameter ``name`` (student and teacher share the HF Llama names)."""
+    return teacher.get_parameter(name).detach().float().cpu()
 
 
-def delta_tensors(student, teacher) -> dict[str, torch.Tensor]:
-    """The tensors ``save_delta`` stores (see the module docstring)."""
+def _quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: ``t ~= q * scale``, ``scale [rows, 1]`` fp16."""
+    scale = (t.abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(1e-12).half()
+    q = torch.round(t / scale.float()).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+def _put_factor(tensors: dict, name: str, t: torch.Tensor, factors: str) -> None:
+    if factors == "int8":
+        tensors[name], tensors[name + ".scale"] = _quantize_rows(t)
+    else:
+        tensors[name] = t.half().contiguous()
+
+
+def _put_lora(tensors: dict, name: str, mod, factors: str) -> None:
+    _put_factor(tensors, name + ".lora_A", mod.lora_A.detach().float().cpu(), factors)
+    _put_factor(tensors, name + ".lora_B", mod.lora_B.detach().float().cpu() * mod.scaling, factors)
+
+
+def delta_tensors(student, teacher, factors: str = "fp16") -> dict[str, torch.Tensor]:
+    """The tensors ``save_delta`` stores (see the module docstring); ``factors``: ``FACTORS``."""
     from spikingbrain.train.trainable import LoRALinear
 
+    if factors not in FACTORS:
+        raise SpikingBrainError(f"delta factors {factors!r}: choose from {FACTORS}")
     tensors = {}
     for i in gla_layers(student):
         mixer = student.model.layers[i].self_attn
@@ -83,26 +115,28 @@ def delta_tensors(student, teacher) -> dict[str, torch.Tensor]:
         for proj in PROJECTIONS:
             mod = getattr(mixer, proj)
             if isinstance(mod, LoRALinear):
-                tensors[prefix + proj + ".weight.lora_A"] = mod.lora_A.detach().float().cpu().half().contiguous()
-                tensors[prefix + proj + ".weight.lora_B"] = (mod.lora_B.detach().float().cpu()
-                                                             * mod.scaling).half().contiguous()
+                _put_lora(tensors, prefix + proj + ".weight", mod, factors)
                 base = mod.base
             else:
                 base = mod
-                diff = base.weight.detach().float().cpu() - _teacher_param(teacher, i, proj, "weight")
+                diff = base.weight.detach().float().cpu() - _teacher_param(teacher, prefix + proj + ".weight")
                 tensors[prefix + proj + ".weight.delta"] = diff.to(torch.bfloat16).contiguous()
             if base.bias is not None:
-                diff = base.bias.detach().float().cpu() - _teacher_param(teacher, i, proj, "bias")
+                diff = base.bias.detach().float().cpu() - _teacher_param(teacher, prefix + proj + ".bias")
                 tensors[prefix + proj + ".bias.delta"] = diff.to(torch.bfloat16).contiguous()
         for n, p in mixer.named_parameters():
             if n.split(".")[0] not in PROJECTIONS:
                 tensors[prefix + n] = p.detach().float().cpu().contiguous()
+    for n, mod in student.named_modules():
+        if isinstance(mod, LoRALinear) and re.fullmatch(FFN_TARGETS, n):
+            _put_lora(tensors, n + ".weight", mod, factors)
     return tensors
 
 
-def save_delta(student, teacher, path: str | os.PathLike, metadata: dict) -> int:
+def save_delta(student, teacher, path: str | os.PathLike, metadata: dict, factors: str = "fp16") -> int:
     """Write the delta atomically with ``metadata`` (values turned into strings; the format,
-    fingerprint and layout are added). Returns the file size in bytes."""
+    fingerprint and layout are added); low-rank factors as ``factors`` (``FACTORS``). Returns
+    the file size in bytes."""
     from safetensors.torch import save_file
 
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
@@ -112,7 +146,7 @@ def save_delta(student, teacher, path: str | os.PathLike, metadata: dict) -> int
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(delta_tensors(student, teacher), str(tmp), metadata=meta)
+    save_file(delta_tensors(student, teacher, factors), str(tmp), metadata=meta)
     os.replace(tmp, path)
     return path.stat().st_size
 
@@ -128,17 +162,17 @@ def load_delta_metadata(path: str | os.PathLike) -> dict:
             meta = dict(f.metadata() or {})
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise SpikingBrainError(f"{path} is not a readable safetensors file: {e}") from None
-    if meta.get("format") != FORMAT:
-        raise SpikingBrainError(f"{path} is not a SpikingBrain conversion delta (format {meta.get('format')!r}, "
-                                f"expected {FORMAT!r})")
+    if meta.get("format") not in READABLE:
+        raise SpikingBrainError(f"{path} is not a SpikingBrain conversion delta this version reads (format "
+                                f"{meta.get('format')!r}, expected one of {READABLE})")
     return meta
 
 
 @torch.no_grad()
 def apply_delta(student, teacher, path: str | os.PathLike) -> dict:
     """Merge the delta at ``path`` into a freshly converted ``student`` (plain projections) of
-    ``teacher``. Checks teacher fingerprint, layout and that every GLA parameter is covered;
-    returns the metadata."""
+    ``teacher``. Checks teacher fingerprint, layout and that every GLA parameter is covered
+    (FFN updates are optional); returns the metadata."""
     from safetensors.torch import load_file
 
     meta = load_delta_metadata(path)
@@ -150,25 +184,32 @@ def apply_delta(student, teacher, path: str | os.PathLike) -> dict:
         raise SpikingBrainError(f"delta {path} was made for another layout ({meta.get('layer_types')}, this "
                                 f"student's is {json.dumps(student.config.layer_types)})")
     params = gla_params(student)
+    ffn = {n: p for n, p in student.named_parameters() if re.fullmatch(FFN_TARGETS + r"\.weight", n)}
     tensors = load_file(str(path))
+
+    def factor(name: str) -> torch.Tensor:
+        if name not in tensors or (tensors[name].dtype == torch.int8 and name + ".scale" not in tensors):
+            raise SpikingBrainError(f"delta {path} is incomplete: {name!r} or its scale is missing")
+        t = tensors[name]
+        return t.float() * tensors[name + ".scale"].float() if t.dtype == torch.int8 else t.float()
+
     covered = set()
     for name, t in tensors.items():
-        if name.endswith(".lora_B"):
+        if name.endswith(".lora_B") or name.endswith(".scale"):
             continue
         if name.endswith(".lora_A"):
             pname = name[: -len(".lora_A")]
-            upd = tensors[pname + ".lora_B"].float() @ t.float()
+            upd = factor(pname + ".lora_B") @ factor(name)
         elif name.endswith(".delta"):
             pname = name[: -len(".delta")]
             upd = t.float()
         else:
             pname, upd = name, None
-        if pname not in params:
+        p = params.get(pname, ffn.get(pname) if upd is not None else None)
+        if p is None:
             raise SpikingBrainError(f"delta {path} has {name!r}, which this student does not have")
-        p = params[pname]
         if upd is not None:
-            i, proj, kind = int(pname.split(".")[2]), pname.split(".")[-2], pname.split(".")[-1]
-            ref = _teacher_param(teacher, i, proj, kind) + upd
+            ref = _teacher_param(teacher, pname) + upd
         else:
             ref = t.float()
         if ref.shape != p.shape:
@@ -176,7 +217,7 @@ def apply_delta(student, teacher, path: str | os.PathLike) -> dict:
                                     f"{tuple(p.shape)}")
         p.copy_(ref.to(p.dtype))
         covered.add(pname)
-    missing = sorted(set(params) - covered)
+    missing = sorted(set(params) - covered)  # every GLA parameter; FFN updates are optional
     if missing:
         raise SpikingBrainError(f"delta {path} lacks {len(missing)} GLA parameters, e.g. {missing[:3]}")
     return meta

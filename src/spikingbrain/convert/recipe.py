@@ -11,7 +11,13 @@
      reuses them;
    - ``distill``: end-to-end KL distillation (``train/distill.py``) on windows of
      ``seq_len`` tokens, a ``chat_fraction`` of them cut from the shipped chat data (the
-     teacher's own answers in its chat template), the rest from the shipped prose.
+     teacher's own answers in its chat template), the rest from the shipped prose. A distill
+     stage with ``ffn_lora_rank`` also trains low-rank updates of every layer's FFN (zero at
+     first; earlier stages leave them so), so the rest of the network can compensate what the
+     GLA layers still get wrong.
+
+Every stage may run its forwards under bf16 autocast (``precision``): the same step in ~0.55x
+the time on a CPU with AVX512-BF16 (the GLA state math stays fp32; the loss and the optimizer too).
 
 With a work directory, the state (trainable tensors, optimizer, stage, step) is checkpointed
 atomically every ``checkpoint_seconds`` and at each stage's end; running the same recipe on the
@@ -34,7 +40,9 @@ from typing import Callable
 
 import torch
 
+from spikingbrain.convert.delta import FFN_TARGETS
 from spikingbrain.errors import SpikingBrainError
+from spikingbrain.train.distill import PRECISIONS
 
 
 @dataclass
@@ -48,6 +56,10 @@ class Stage:
     ce_weight: float = 0.0
     minutes: float | None = None  # the stage's time budget (all runs of it together), or None
     chat_examples: int | None = None  # distill only: the first N shipped chat examples (None: the recipe's)
+    precision: str = "fp32"  # "bf16": forwards under bf16 autocast (~1.8x faster on AVX512-BF16 CPUs)
+    # distill only: also train rank-r updates of every layer's FFN (delta.FFN_TARGETS), which lets
+    # distillation compensate the GLA layers' approximation where training attention alone plateaus
+    ffn_lora_rank: int = 0
 
 
 @dataclass
@@ -94,12 +106,27 @@ class ConversionRecipe:
                 raise SpikingBrainError(f"conversion recipe: stage {i} chat_fraction must be in [0, 1]")
             if s.chat_examples is not None and s.chat_examples < 1:
                 raise SpikingBrainError(f"conversion recipe: stage {i} chat_examples must be >= 1 (or null)")
+            if s.precision not in PRECISIONS:
+                raise SpikingBrainError(f"conversion recipe: stage {i} precision {s.precision!r} (one of {PRECISIONS})")
+            if s.ffn_lora_rank < 0 or (s.ffn_lora_rank and s.kind != "distill"):
+                raise SpikingBrainError(f"conversion recipe: stage {i} ffn_lora_rank must be >= 0, and 0 for a "
+                                        "transfer stage (it trains the attention mixers alone)")
+        ranks = {s.ffn_lora_rank for s in self.stages if s.ffn_lora_rank}
+        if len(ranks) > 1:
+            raise SpikingBrainError(f"conversion recipe: the stages that train the FFNs must share one "
+                                    f"ffn_lora_rank, got {sorted(ranks)}")
+
+    @property
+    def ffn_rank(self) -> int:
+        """The rank of the FFN updates (0: the FFNs stay the teacher's)."""
+        return max((s.ffn_lora_rank for s in self.stages), default=0)
 
 
 # The shipped delta's recipe (= recipes/conversion-shipped.json): the long CPU run
 # (scripts/train_conversion.py). Each stage ends at its step count or its time budget, whichever
 # comes first. Stages 3-4 were appended to a finished run of stages 0-2, then stage 5, then
-# stages 6-7 (with 550 chat examples: the first 64 plus 486 made later by the same script).
+# stages 6-7 (with 550 chat examples: the first 64 plus 486 made later by the same script), then
+# stages 8-9 (bf16 forwards; rank-16 FFN updates in every layer, stored as int8 factors).
 SHIPPED = ConversionRecipe(cache_sequences=128, cache_seq_len=512, chat_examples=64, stages=[
     Stage("transfer", steps=4000, lr=1e-3, batch_size=4, minutes=13),
     Stage("distill", steps=2000, lr=2e-4, batch_size=2, seq_len=512, chat_fraction=0.5, minutes=6),
@@ -109,15 +136,20 @@ SHIPPED = ConversionRecipe(cache_sequences=128, cache_seq_len=512, chat_examples
     Stage("distill", steps=1000, lr=2e-4, batch_size=1, seq_len=1024, chat_fraction=0.5, minutes=22),
     Stage("distill", steps=1000, lr=3e-4, batch_size=1, seq_len=1024, chat_fraction=0.5, minutes=50, chat_examples=550),
     Stage("distill", steps=500, lr=1.5e-4, batch_size=1, seq_len=2048, chat_fraction=0.3, minutes=35, chat_examples=550),
+    Stage("distill", steps=2000, lr=3e-4, batch_size=1, seq_len=1024, chat_fraction=0.5, minutes=48, chat_examples=550,
+          precision="bf16", ffn_lora_rank=16),
+    Stage("distill", steps=1000, lr=1.5e-4, batch_size=1, seq_len=2048, chat_fraction=0.3, minutes=32, chat_examples=550,
+          precision="bf16", ffn_lora_rank=16),
 ])
 
 
 # `spikingbrain demo --from-scratch`: the same recipe on a ~10-minute budget (2 CPU cores).
-# Full-rank updates: on this budget they beat rank-64 ones (BENCHMARKS.md, conversion ablation);
-# the demo ships no delta, so their size does not matter here.
+# Full-rank updates: on this budget they beat rank-64 ones; bf16 forwards fit 1.6x the
+# distillation tokens and beat fp32 (BENCHMARKS.md, conversion ablation). The demo ships no
+# delta, so the updates' size does not matter here.
 DEMO = ConversionRecipe(lora_rank=0, cache_sequences=48, cache_seq_len=512, chat_examples=64, checkpoint_seconds=1e9, stages=[
-    Stage("transfer", steps=400, lr=1e-3, batch_size=4, minutes=4.5),
-    Stage("distill", steps=60, lr=2e-4, batch_size=2, seq_len=512, chat_fraction=0.5, minutes=2.0),
+    Stage("transfer", steps=400, lr=1e-3, batch_size=4, minutes=4.5, precision="bf16"),
+    Stage("distill", steps=60, lr=2e-4, batch_size=2, seq_len=512, chat_fraction=0.5, minutes=2.0, precision="bf16"),
 ])
 
 
@@ -184,8 +216,9 @@ def _load_cache(cache_dir: Path, layers: list[int]) -> dict:
 
 # --------------------------------------------------------------------------- state
 def prepare_student(teacher, tokenizer, recipe: ConversionRecipe, prose: torch.Tensor):
-    """Convert, calibrate the output norms, wrap the projections (``lora_rank``). Returns
-    ``(student, trainable parameters by name)``."""
+    """Convert, calibrate the output norms, wrap the projections (``lora_rank``) and, when a stage
+    trains them, the FFNs (``ffn_lora_rank``). Returns ``(student, trainable parameters by name)``:
+    the GLA mixers' parameters, then the FFN factors (names with ``.mlp.``)."""
     from spikingbrain.convert.delta import PROJECTIONS, gla_layers
     from spikingbrain.convert.mapping import calibrate_output_norms, convert_from_transformer
     from spikingbrain.train.recipe import LoRASpec
@@ -201,12 +234,24 @@ def prepare_student(teacher, tokenizer, recipe: ConversionRecipe, prose: torch.T
         layers = "|".join(str(i) for i in gla_layers(student))
         apply_lora(student, LoRASpec(rank=recipe.lora_rank, alpha=recipe.lora_rank,
                                      targets=[rf"model\.layers\.({layers})\.self_attn\.({'|'.join(PROJECTIONS)})"]))
+    if recipe.ffn_rank:
+        torch.manual_seed(recipe.seed + 3)
+        r = recipe.ffn_rank
+        apply_lora(student, LoRASpec(rank=r, alpha=r, targets=[FFN_TARGETS]))
     params = {}
     for i in gla_layers(student):
         for n, p in student.model.layers[i].self_attn.named_parameters():
             if ".base." not in n:
                 params[f"model.layers.{i}.self_attn.{n}"] = p
+    for n, p in student.named_parameters():
+        if ".mlp." in n and ".lora_" in n:
+            params[n] = p
     return student, params
+
+
+def stage_params(params: dict, stage: Stage) -> list:
+    """What ``stage`` trains: the GLA mixers, plus the FFN factors when it sets ``ffn_lora_rank``."""
+    return [p for n, p in params.items() if ".mlp." not in n or stage.ffn_lora_rank]
 
 
 def _save_state(workdir: Path, params: dict, opt, stage: int, step: int, extra: dict) -> None:
@@ -247,10 +292,14 @@ def _load_params(path: Path, params: dict) -> None:
     from safetensors.torch import load_file
 
     saved = load_file(str(path / "params.safetensors"))
-    if set(saved) != set(params):
+    new_ffn = {n for n in set(params) - set(saved) if ".mlp." in n}
+    if (set(saved) - set(params) or set(params) - set(saved) - new_ffn or (new_ffn and any(".mlp." in n for n in saved))
+            or any(saved[n].shape != p.shape for n, p in params.items() if n in saved)):
         raise SpikingBrainError(f"checkpoint {path} does not match this recipe's trainable parameters")
+    # a checkpoint from before the stages that add FFN updates: those keep their (seeded) start
     for n, p in params.items():
-        p.copy_(saved[n])
+        if n in saved:
+            p.copy_(saved[n])
 
 
 # --------------------------------------------------------------------------- the run
@@ -287,7 +336,6 @@ def run_conversion(teacher, tokenizer, recipe: ConversionRecipe, workdir: str | 
             chats[s.chat_examples] = chat_stream(tokenizer, "train", s.chat_examples)
     chat = chats[recipe.chat_examples]
     student, params = prepare_student(teacher, tokenizer, recipe, prose)
-    plist = list(params.values())
     device = next(teacher.parameters()).device
     stage0, step0, opt_state, history, elapsed0 = 0, 0, None, [], 0.0
     ck = latest_state(wd) if wd is not None else None
@@ -306,6 +354,7 @@ def run_conversion(teacher, tokenizer, recipe: ConversionRecipe, workdir: str | 
         before = elapsed0 if si == stage0 else 0.0  # a stage's time budget counts every run of it
         if start >= s.steps:
             continue
+        plist = stage_params(params, s)
         opt = make_optimizer(plist, s.lr)
         if opt_state is not None and si == stage0:
             opt.load_state_dict(opt_state)
@@ -328,7 +377,7 @@ def run_conversion(teacher, tokenizer, recipe: ConversionRecipe, workdir: str | 
             log = attention_transfer(student, io, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
                                      seed=recipe.seed + 100 * si, params=plist, start_step=start, optimizer=opt,
                                      on_step=on_step, progress=progress, elapsed_before=before,
-                                     time_budget_s=60 * s.minutes if s.minutes else None)
+                                     time_budget_s=60 * s.minutes if s.minutes else None, precision=s.precision)
             del io
             summary = {"nmse_first": log[0]["nmse"] if log else None, "nmse_last": log[-1]["nmse"] if log else None}
         else:
@@ -338,7 +387,8 @@ def run_conversion(teacher, tokenizer, recipe: ConversionRecipe, workdir: str | 
                 return mixed_windows(prose, stage_chat, s.batch_size, s.seq_len, s.chat_fraction,
                                      recipe.seed * 7919 + 1000 * si + step)
             log = distill(student, teacher, batch_fn, plist, steps=s.steps, lr=s.lr, ce_weight=s.ce_weight,
-                          minutes=s.minutes, elapsed_before=before, start_step=start, optimizer=opt, on_step=on_step, progress=progress)
+                          minutes=s.minutes, elapsed_before=before, start_step=start, optimizer=opt, on_step=on_step,
+                          progress=progress, precision=s.precision)
             summary = {"kl_first": log[0]["kl"] if log else None, "kl_last": log[-1]["kl"] if log else None}
         end_step = log[-1]["step"] if log else start
         T = recipe.cache_seq_len if s.kind == "transfer" else s.seq_len

@@ -18,10 +18,11 @@ from pathlib import Path
 
 from spikingbrain.errors import SpikingBrainError
 
-ORDER = ["conversion_quality", "conversion_ablation", "prefill", "decode", "memory", "train", "moe", "context_parallel", "spiking", "serve_throughput", "serve_load", "official_7b"]
+ORDER = ["conversion_quality", "conversion_ablation", "conversion_step", "prefill", "decode", "memory", "train", "moe", "context_parallel", "spiking", "serve_throughput", "serve_load", "official_7b"]
 TITLES = {
     "conversion_quality": "Conversion quality of the shipped delta vs the teacher (2k context)",
     "conversion_ablation": "Conversion recipe ablation (CPU)",
+    "conversion_step": "Conversion step time: fp32 vs bf16 autocast (CPU)",
     "eval_demo": "Evaluation of the earlier demo model (2026-11-23)",
     "prefill": "Prefill time vs prompt length",
     "decode": "Decode speed vs context",
@@ -35,7 +36,8 @@ TITLES = {
     "official_7b": "The released SpikingBrain-7B on a CPU: load, decode, state memory",
 }
 SCRIPTS = {"conversion_quality": "benchmarks/conversion_quality.py",
-           "conversion_ablation": "benchmarks/conversion_ablation.py", "prefill": "benchmarks/prefill.py", "decode": "benchmarks/decode.py", "train": "benchmarks/train_throughput.py",
+           "conversion_ablation": "benchmarks/conversion_ablation.py",
+           "conversion_step": "benchmarks/conversion_step.py", "prefill": "benchmarks/prefill.py", "decode": "benchmarks/decode.py", "train": "benchmarks/train_throughput.py",
            "moe": "benchmarks/moe.py", "context_parallel": "benchmarks/context_parallel.py",
            "spiking": "benchmarks/spiking_sweep.py", "serve_throughput": "benchmarks/serve_throughput.py",
            "serve_load": "benchmarks/serve_load.py",

@@ -52,6 +52,12 @@ def gla(
 
         return gla_fla(q, k, v, g, scale=scale, initial_state=initial_state,
                        output_final_state=output_final_state, reset=reset)
+    if torch.is_autocast_enabled(q.device.type):
+        # the reference paths do their state math in fp32 on purpose: bf16 matmuls of
+        # exp(cumulative gate) factors lose the precision the chunked form relies on
+        with torch.autocast(q.device.type, enabled=False):
+            return gla(q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                       mode=mode, reset=reset, chunk_size=chunk_size)
     if mode == "naive":
         return gla_naive(q, k, v, g, scale=scale, initial_state=initial_state,
                          output_final_state=output_final_state, reset=reset)

@@ -54,6 +54,17 @@ def schedule_step(opt, lr: float, step: int, steps: int, warmup: int, elapsed_s:
     return True
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(precision: str, device: torch.device):
+    """The forward's autocast context for ``precision`` (``PRECISIONS``). bf16 roughly halves a
+    CPU step on cores with AVX512-BF16/AMX (BENCHMARKS.md); GLA state math stays fp32 (``ops.gla``)."""
+    if precision not in PRECISIONS:
+        raise SpikingBrainError(f"precision {precision!r}: choose from {PRECISIONS}")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def make_optimizer(params, lr: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
 
@@ -69,12 +80,13 @@ def distill(student, teacher, batch_fn: Callable[[int], torch.Tensor], params: l
             steps: int, lr: float = 3e-4, *, ce_weight: float = 0.1, warmup: int | None = None,
             minutes: float | None = None, elapsed_before: float = 0.0, start_step: int = 0, optimizer=None,
             on_step: Callable[[int, torch.optim.Optimizer, dict], None] | None = None,
-            progress: bool = True) -> list[dict]:
+            progress: bool = True, precision: str = "fp32") -> list[dict]:
     """Train ``params`` of ``student`` for steps ``start_step .. steps - 1`` (or until
     ``minutes`` have passed). ``batch_fn(step)``: token ids ``[B, T]``. ``on_step(step + 1,
     optimizer, record)`` runs after each step (checkpointing). ``minutes`` is a budget for the whole
     run, of which ``elapsed_before`` seconds were spent before a resume; the LR schedule follows
-    whichever of steps and budget is further along. Returns the per-step log."""
+    whichever of steps and budget is further along. ``precision="bf16"``: both forwards under
+    bf16 autocast (``autocast``), the loss and the optimizer in fp32. Returns the per-step log."""
     if not params:
         raise SpikingBrainError("distill: no parameter to train")
     trainable_only(student, params)
@@ -90,9 +102,10 @@ def distill(student, teacher, batch_fn: Callable[[int], torch.Tensor], params: l
             if not schedule_step(opt, lr, step, steps, warmup, elapsed_before + time.time() - start, budget):
                 break
             ids = batch_fn(step).to(device)
-            with torch.no_grad():
+            with torch.no_grad(), autocast(precision, device):
                 t_logits = teacher(input_ids=ids, use_cache=False).logits
-            s_logits = student(input_ids=ids, use_cache=False).logits
+            with autocast(precision, device):
+                s_logits = student(input_ids=ids, use_cache=False).logits
             n = ids.shape[0] * ids.shape[1]
             kl = distill_kl(s_logits, t_logits) / n
             loss = kl

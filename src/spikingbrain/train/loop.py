@@ -32,6 +32,7 @@ from spikingbrain.errors import SpikingBrainError
 from spikingbrain.train import distributed as D
 from spikingbrain.train.checkpoint import export_model, latest_checkpoint, load_checkpoint, save_checkpoint
 from spikingbrain.train.data import TrainData
+from spikingbrain.train.distill import autocast
 from spikingbrain.train.encode import IGNORE, DocumentEncoder
 from spikingbrain.train.metrics import MetricsLogger
 from spikingbrain.train.models import (apply_spiking, build_student, distillation_teacher, load_teachers,
@@ -67,7 +68,7 @@ def train(recipe: Recipe, *, resume: bool | str = False, max_steps: int | None =
 
 
 def _autocast(recipe: Recipe, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.precision == "bf16")
+    return autocast(recipe.precision, device)
 
 
 def make_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> torch.optim.Optimizer:
