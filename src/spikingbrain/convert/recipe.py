@@ -307,7 +307,8 @@ def run_conversion(teacher, tokenizer, recipe: ConversionRecipe, workdir: str | 
                    progress: bool = True, say: Callable[[str], None] = print, stop_after_stage: int | None = None):
     """Run ``recipe`` (resuming from ``workdir`` when it holds a checkpoint). Returns
     ``(student, report)``; the student's GLA projections are low-rank wrapped when
-    ``lora_rank > 0`` (``convert.delta.save_delta`` stores them as such)."""
+    ``lora_rank > 0``, its FFNs when a stage sets ``ffn_lora_rank`` (``convert.delta.save_delta``
+    stores them as such; ``train.trainable.merge_lora`` folds them in)."""
     from spikingbrain.convert.attention_transfer import attention_transfer
     from spikingbrain.convert.chat_data import chat_stream
     from spikingbrain.convert.delta import gla_layers
