@@ -79,6 +79,7 @@ def main(argv=None) -> int:
     seqs = R.windows(prose, 2 * args.batch, cache_len, torch.Generator().manual_seed(1))
     io = collect_teacher_io(teacher, seqs.split(args.batch), gla_layers(student), progress=False)
     n = args.warmup + args.steps
+    transfer = R.Stage("transfer", steps=n, lr=1e-6, batch_size=args.batch)  # what a transfer stage trains
 
     def step_times(log):  # the timed steps: each record's elapsed time minus the previous one's
         t = [r["elapsed_s"] for r in log]
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
             log = distill(student, teacher, lambda s: batch, plist, steps=n, lr=1e-6, progress=False, precision=prec)
             times["distill", prec] += step_times(log)
             log = attention_transfer(student, io, steps=n, batch_size=args.batch, lr=1e-6, progress=False,
-                                     params=[q for k, q in params.items() if ".mlp." not in k], precision=prec)
+                                     params=R.stage_params(params, transfer), precision=prec)
             times["transfer", prec] += step_times(log)
     kl = {}
     with torch.no_grad():

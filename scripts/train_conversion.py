@@ -68,17 +68,15 @@ def main(argv=None) -> int:
     else:
         student, report = R.run_conversion(teacher, tok, recipe, wd)
     tokens = {k: sum(h["tokens"] for h in report["stages"] if h["kind"] == k) for k in ("transfer", "distill")}
+    where = f"CPU {platform.machine()}, {args.threads} threads" if device.type == "cpu" else str(device)
+    updates = f"rank-{recipe.lora_rank} GLA projection updates" + (
+        f", rank-{recipe.ffn_rank} FFN updates" if recipe.ffn_rank else "") + f", {args.factors} factors"
     meta = {
         "command": "python3 scripts/train_conversion.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "recipe": json.dumps(recipe.to_dict()),
         "stages": json.dumps(report["stages"]),
-        "provenance": f"{dt.date.today().isoformat()}, "
-                      + (f"CPU {platform.machine()}, {args.threads} threads" if device.type == "cpu" else str(device))
-                      + f"; attention "
-                      f"transfer {tokens['transfer']:,} tokens per layer + distillation {tokens['distill']:,} tokens "
-                      f"(shipped prose + chat data); rank-{recipe.lora_rank} GLA projection updates"
-                      + (f", rank-{recipe.ffn_rank} FFN updates" if recipe.ffn_rank else "")
-                      + f", {args.factors} factors",
+        "provenance": f"{dt.date.today().isoformat()}, {where}; attention transfer {tokens['transfer']:,} tokens "
+                      f"per layer + distillation {tokens['distill']:,} tokens (shipped prose + chat data); {updates}",
         "torch": torch.__version__,
     }
     size = save_delta(student, teacher, args.out, meta, factors=args.factors)

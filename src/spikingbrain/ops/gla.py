@@ -19,6 +19,9 @@ do not leak into each other.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+from functools import partial
+
 import torch
 
 from spikingbrain.errors import SpikingBrainError
@@ -52,22 +55,15 @@ def gla(
 
         return gla_fla(q, k, v, g, scale=scale, initial_state=initial_state,
                        output_final_state=output_final_state, reset=reset)
-    if torch.is_autocast_enabled(q.device.type):
-        # the reference paths do their state math in fp32 on purpose: bf16 matmuls of
-        # exp(cumulative gate) factors lose the precision the chunked form relies on
-        with torch.autocast(q.device.type, enabled=False):
-            return gla(q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-                       mode=mode, reset=reset, chunk_size=chunk_size)
-    if mode == "naive":
-        return gla_naive(q, k, v, g, scale=scale, initial_state=initial_state,
-                         output_final_state=output_final_state, reset=reset)
-    if mode == "recurrent":
-        return gla_recurrent(q, k, v, g, scale=scale, initial_state=initial_state,
-                             output_final_state=output_final_state, reset=reset)
-    if mode == "chunk":
-        return gla_chunk(q, k, v, g, scale=scale, initial_state=initial_state,
-                         output_final_state=output_final_state, reset=reset, chunk_size=chunk_size)
-    raise SpikingBrainError(f"gla: unknown mode {mode!r}; choose from {MODES}")
+    forms = {"naive": gla_naive, "recurrent": gla_recurrent, "chunk": partial(gla_chunk, chunk_size=chunk_size)}
+    if mode not in forms:
+        raise SpikingBrainError(f"gla: unknown mode {mode!r}; choose from {MODES}")
+    # the reference forms do their state math in fp32 on purpose: under autocast, bf16 matmuls of
+    # exp(cumulative gate) factors would lose the precision the chunked form relies on
+    dev = q.device.type
+    with torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else nullcontext():
+        return forms[mode](q, k, v, g, scale=scale, initial_state=initial_state,
+                           output_final_state=output_final_state, reset=reset)
 
 
 def _auto_mode(q: torch.Tensor) -> str:
