@@ -5,7 +5,10 @@
 - chat (the shipped held-out instructions): fidelity = teacher-forced top-1 agreement on the
   teacher's own greedy answers, and empty answers among the model's and the teacher's own
   greedy answers;
-- passkey retrieval at 1k / 2k / 4k tokens, 3 depths x 3 seeds, model and teacher.
+- passkey retrieval at 1k / 2k / 4k tokens, 3 depths x 3 seeds, model and teacher;
+- key recall on retrieval windows (``convert/retrieval_data.py``, the kind the late conversion
+  stages train on, here cut from the held-out prose): the share of keys whose every token is the
+  greedy next token (teacher-forced), model and teacher. In-distribution, unlike the passkey.
 
 The model: the shipped delta (default), ``--delta FILE``, or ``--model DIR`` (e.g. the output of
 ``spikingbrain demo --from-scratch``). Writes JSON (command, hardware, date, figures, the
@@ -25,6 +28,27 @@ from pathlib import Path
 import torch
 
 TARGETS = {"top1": 0.80, "kl": 0.15, "ppl_ratio": 1.15, "chat_fidelity": 0.80, "empty": 0}
+
+
+def key_recall(model, tok, windows) -> dict:
+    """Keys recalled in retrieval windows ``[(ids, answer rows)]``: every token of the key is the
+    model's greedy next token (``all``), or at least its first one (``first``)."""
+    first = every = n = 0
+    for ids, answer in windows:
+        with torch.no_grad():
+            pred = model(input_ids=ids[None]).logits[0].argmax(-1)
+        hit = (pred[:-1] == ids[1:]).tolist()
+        rows = (answer[:-1] > 0).nonzero().flatten().tolist()
+        runs = []
+        for r in rows:  # consecutive answer rows: one key
+            if runs and r == runs[-1][-1] + 1:
+                runs[-1].append(r)
+            else:
+                runs.append([r])
+        n += len(runs)
+        first += sum(hit[run[0]] for run in runs)
+        every += sum(all(hit[r] for r in run) for run in runs)
+    return {"keys": n, "first": first / max(1, n), "all": every / max(1, n)}
 
 
 def load_student(args, teacher, tok):
@@ -64,6 +88,8 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", default="1024,2048,4096")
     p.add_argument("--depths", default="0.1,0.5,0.9")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--retrieval", type=int, default=12, help="held-out retrieval windows (0: skip)")
+    p.add_argument("--retrieval-len", type=int, default=1024)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--teacher-cache", default=None, metavar="FILE",
                    help="reuse the teacher's passkey rows and empty-answer count from FILE when it was made with the "
@@ -132,6 +158,17 @@ def main(argv=None) -> int:
                           "rows_model": rows_m, "rows_teacher": rows_t, "seconds": round(time.time() - t, 1),
                           "teacher_measured": {k: tc[k] for k in ("date", "command", "seconds")}}
         print("passkey:", json.dumps({k: res["passkey"][k] for k in ("model", "teacher")}), flush=True)
+        if args.retrieval:
+            from spikingbrain.convert.retrieval_data import retrieval_window
+            from spikingbrain.demo import shipped_ids
+
+            t = time.time()
+            valid = shipped_ids(tok, "valid")
+            wins = [retrieval_window(tok, valid, args.retrieval_len, 10**6 + i) for i in range(args.retrieval)]
+            res["retrieval"] = {"windows": args.retrieval, "tokens": args.retrieval_len,
+                                "model": key_recall(student, tok, wins), "teacher": key_recall(teacher, tok, wins)}
+            res["retrieval"]["seconds"] = round(time.time() - t, 1)
+            print("retrieval:", json.dumps(res["retrieval"]), flush=True)
     pk_ok = all(res["passkey"]["model"][n]["correct"] >= res["passkey"]["teacher"][n]["correct"]
                 for n in res["passkey"]["model"])
     res["targets"] = {

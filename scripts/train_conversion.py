@@ -71,12 +71,13 @@ def main(argv=None) -> int:
     where = f"CPU {platform.machine()}, {args.threads} threads" if device.type == "cpu" else str(device)
     updates = f"rank-{recipe.lora_rank} GLA projection updates" + (
         f", rank-{recipe.ffn_rank} FFN updates" if recipe.ffn_rank else "") + f", {args.factors} factors"
+    data = "shipped prose + chat data" + (" + retrieval windows" if any(st.retrieval_fraction for st in recipe.stages) else "")
     meta = {
         "command": "python3 scripts/train_conversion.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "recipe": json.dumps(recipe.to_dict()),
         "stages": json.dumps(report["stages"]),
         "provenance": f"{dt.date.today().isoformat()}, {where}; attention transfer {tokens['transfer']:,} tokens "
-                      f"per layer + distillation {tokens['distill']:,} tokens (shipped prose + chat data); {updates}",
+                      f"per layer + distillation {tokens['distill']:,} tokens ({data}); {updates}",
         "torch": torch.__version__,
     }
     size = save_delta(student, teacher, args.out, meta, factors=args.factors)

@@ -115,3 +115,25 @@ def test_conversion_step_benchmark_runs_both_precisions_on_a_tiny_model(tmp_path
         assert r["fp32_s"] > 0 and r["bf16_s"] > 0 and r["speedup_bf16"] > 0
     d = res["rows"][0]
     assert abs(d["kl_bf16"] - d["kl_fp32"]) < 0.05 * d["kl_fp32"] + 1e-3
+
+
+def test_key_recall_counts_keys_whose_every_token_is_predicted():
+    quality = _load("conversion_quality", "benchmarks/conversion_quality.py")
+    ids = torch.tensor([5, 1, 2, 3, 6, 7, 8, 9])
+    answer = torch.tensor([1.0, 1.0, 1.0, 0, 0, 1.0, 1.0, 0])  # keys: tokens 1-3 (rows 0-2), tokens 6-7 (rows 5-6)
+
+    class Oracle(torch.nn.Module):  # predicts the true next token, except at row ``miss``
+        def __init__(self, miss):
+            super().__init__()
+            self.miss = miss
+
+        def forward(self, input_ids):
+            nxt = torch.cat([input_ids[0, 1:], input_ids[0, :1]])
+            if self.miss is not None:
+                nxt[self.miss] = 0
+            return type("Out", (), {"logits": torch.nn.functional.one_hot(nxt, 10).float()[None]})
+
+    assert quality.key_recall(Oracle(None), None, [(ids, answer)]) == {"keys": 2, "first": 1.0, "all": 1.0}
+    assert quality.key_recall(Oracle(1), None, [(ids, answer)]) == {"keys": 2, "first": 1.0, "all": 0.5}
+    assert quality.key_recall(Oracle(5), None, [(ids, answer)]) == {"keys": 2, "first": 0.5, "all": 0.5}
+    assert quality.key_recall(Oracle(3), None, [(ids, answer)]) == {"keys": 2, "first": 1.0, "all": 1.0}

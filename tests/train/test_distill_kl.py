@@ -48,3 +48,24 @@ def test_warmup_of_a_time_budgeted_run_ends_with_its_progress():
     assert warmup_cosine(5, 2000, 200, done=0.05) < 0.6  # still warming up at 5%
     # without a budget, the step count decides as before
     assert math.isclose(warmup_cosine(4, 100, 10), 0.5 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.04))))
+
+
+def test_answer_loss_is_the_weighted_kl_plus_cross_entropy_of_the_answer_rows():
+    from spikingbrain.train.distill import answer_loss
+
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
+    ids = torch.randint(0, 7, (2, 5), generator=g)
+    answer = torch.zeros(2, 5)
+    answer[0, 2], answer[1, 1], answer[1, 4] = 3.0, 0.5, 9.0  # the last row predicts nothing: ignored
+
+    def kl(a, b):
+        pb = F.softmax(b, -1)
+        return float((pb * (F.log_softmax(b, -1) - F.log_softmax(a, -1))).sum())
+
+    want = 3.0 * (kl(s[0, 2], t[0, 2]) - float(F.log_softmax(s[0, 2], -1)[ids[0, 3]]))
+    want += 0.5 * (kl(s[1, 1], t[1, 1]) - float(F.log_softmax(s[1, 1], -1)[ids[1, 2]]))
+    assert math.isclose(float(answer_loss(s, t, ids, answer)), want, rel_tol=1e-5)
+    w = torch.arange(5.0)
+    torch.testing.assert_close(distill_kl(s[0], t[0], weights=w),
+                               sum(w[i] * distill_kl(s[0, i:i + 1], t[0, i:i + 1]) for i in range(5)))

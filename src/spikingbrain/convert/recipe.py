@@ -11,10 +11,11 @@
      reuses them;
    - ``distill``: end-to-end KL distillation (``train/distill.py``) on windows of
      ``seq_len`` tokens, a ``chat_fraction`` of them cut from the shipped chat data (the
-     teacher's own answers in its chat template), the rest from the shipped prose. A distill
-     stage with ``ffn_lora_rank`` also trains low-rank updates of every layer's FFN (zero at
-     first; earlier stages leave them so), so the rest of the network can compensate what the
-     GLA layers still get wrong.
+     teacher's own answers in its chat template), a ``retrieval_fraction`` retrieval windows
+     (facts hidden in the prose, asked at the end: ``retrieval_data.py``), the rest from the
+     shipped prose. A distill stage with ``ffn_lora_rank`` also trains low-rank updates of
+     every layer's FFN (zero at first; earlier stages leave them so), so the rest of the
+     network can compensate what the GLA layers still get wrong.
 
 Every stage may run its forwards under bf16 autocast (``precision``): the same step in ~0.55x
 the time on a CPU with AVX512-BF16 (the GLA state math stays fp32; the loss and the optimizer too).
@@ -60,6 +61,11 @@ class Stage:
     # distill only: also train rank-r updates of every layer's FFN (delta.FFN_TARGETS), which lets
     # distillation compensate the GLA layers' approximation where training attention alone plateaus
     ffn_lora_rank: int = 0
+    # distill only: a share of windows with facts hidden in the prose and asked at the end
+    # (retrieval_data.py); the rows that predict the keys weigh ``1 + retrieval_weight`` in the KL
+    # and add ``retrieval_weight`` times the cross-entropy of the true key
+    retrieval_fraction: float = 0.0
+    retrieval_weight: float = 4.0
 
 
 @dataclass
@@ -104,6 +110,11 @@ class ConversionRecipe:
                 raise SpikingBrainError(f"conversion recipe: stage {i} needs steps, batch_size, seq_len >= 1 and lr > 0")
             if not 0.0 <= s.chat_fraction <= 1.0:
                 raise SpikingBrainError(f"conversion recipe: stage {i} chat_fraction must be in [0, 1]")
+            if not 0.0 <= s.retrieval_fraction <= 1.0 - s.chat_fraction + 1e-9 or s.retrieval_weight < 0:
+                raise SpikingBrainError(f"conversion recipe: stage {i} retrieval_fraction must be in [0, 1 - "
+                                        "chat_fraction] and retrieval_weight >= 0")
+            if s.retrieval_fraction and s.kind != "distill":
+                raise SpikingBrainError(f"conversion recipe: stage {i}: retrieval windows are for distill stages")
             if s.chat_examples is not None and s.chat_examples < 1:
                 raise SpikingBrainError(f"conversion recipe: stage {i} chat_examples must be >= 1 (or null)")
             if s.precision not in PRECISIONS:
@@ -126,7 +137,8 @@ class ConversionRecipe:
 # (scripts/train_conversion.py). Each stage ends at its step count or its time budget, whichever
 # comes first. Stages 3-4 were appended to a finished run of stages 0-2, then stage 5, then
 # stages 6-7 (with 550 chat examples: the first 64 plus 486 made later by the same script), then
-# stages 8-9 (bf16 forwards; rank-16 FFN updates in every layer, stored as int8 factors).
+# stages 8-9 (bf16 forwards; rank-16 FFN updates in every layer, stored as int8 factors), then
+# stages 10-11 (with retrieval windows, retrieval_data.py).
 SHIPPED = ConversionRecipe(cache_sequences=128, cache_seq_len=512, chat_examples=64, stages=[
     Stage("transfer", steps=4000, lr=1e-3, batch_size=4, minutes=13),
     Stage("distill", steps=2000, lr=2e-4, batch_size=2, seq_len=512, chat_fraction=0.5, minutes=6),
@@ -140,6 +152,10 @@ SHIPPED = ConversionRecipe(cache_sequences=128, cache_seq_len=512, chat_examples
           precision="bf16", ffn_lora_rank=16),
     Stage("distill", steps=1000, lr=1.5e-4, batch_size=1, seq_len=2048, chat_fraction=0.3, minutes=32, chat_examples=550,
           precision="bf16", ffn_lora_rank=16),
+    Stage("distill", steps=2000, lr=2e-4, batch_size=1, seq_len=1024, chat_fraction=0.4, minutes=60, chat_examples=550,
+          precision="bf16", ffn_lora_rank=16, retrieval_fraction=0.3, retrieval_weight=4.0),
+    Stage("distill", steps=1000, lr=1e-4, batch_size=1, seq_len=2048, chat_fraction=0.3, minutes=30, chat_examples=550,
+          precision="bf16", ffn_lora_rank=16, retrieval_fraction=0.3, retrieval_weight=4.0),
 ])
 
 
@@ -177,6 +193,34 @@ def mixed_windows(prose: torch.Tensor, chat: torch.Tensor | None, n: int, T: int
     if n - n_chat:
         parts.append(windows(prose, n - n_chat, T, g))
     return torch.cat(parts)
+
+
+def retrieval_batch(tokenizer, prose: torch.Tensor, chat: torch.Tensor | None, n: int, T: int,
+                    chat_fraction: float, retrieval_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` windows as ``mixed_windows`` makes them, except that a ``retrieval_fraction`` of them
+    are retrieval windows (``retrieval_data.retrieval_window``); returns ``(ids [n, T], answer
+    rows [n, T])``. One-window batches draw their kind with those probabilities."""
+    from spikingbrain.convert.retrieval_data import retrieval_window
+
+    rng = random.Random(seed)
+    if n == 1:
+        u = rng.random()
+        n_chat, n_ret = int(chat is not None and u < chat_fraction), int(chat_fraction <= u < chat_fraction + retrieval_fraction)
+    else:
+        n_chat = int(round(n * chat_fraction)) if chat is not None else 0
+        n_ret = min(n - n_chat, int(round(n * retrieval_fraction)))
+    g = torch.Generator().manual_seed(seed)
+    ids, ans = [], []
+    if n_chat:
+        ids.append(windows(chat, n_chat, T, g))
+    if n - n_chat - n_ret:
+        ids.append(windows(prose, n - n_chat - n_ret, T, g))
+    ans.append(torch.zeros(n - n_ret, T))
+    for j in range(n_ret):
+        w, a = retrieval_window(tokenizer, prose, T, seed * 31 + j)
+        ids.append(w[None])
+        ans.append(a[None])
+    return torch.cat(ids), torch.cat(ans)
 
 
 # --------------------------------------------------------------------------- activation cache
@@ -385,8 +429,12 @@ def run_conversion(teacher, tokenizer, recipe: ConversionRecipe, workdir: str | 
             stage_chat = chats[s.chat_examples] if s.chat_examples is not None else chat
 
             def batch_fn(step, s=s, si=si, stage_chat=stage_chat):
-                return mixed_windows(prose, stage_chat, s.batch_size, s.seq_len, s.chat_fraction,
-                                     recipe.seed * 7919 + 1000 * si + step)
+                seed = recipe.seed * 7919 + 1000 * si + step
+                if s.retrieval_fraction:
+                    ids, answer = retrieval_batch(tokenizer, prose, stage_chat, s.batch_size, s.seq_len,
+                                                  s.chat_fraction, s.retrieval_fraction, seed)
+                    return ids, answer * s.retrieval_weight
+                return mixed_windows(prose, stage_chat, s.batch_size, s.seq_len, s.chat_fraction, seed)
             log = distill(student, teacher, batch_fn, plist, steps=s.steps, lr=s.lr, ce_weight=s.ce_weight,
                           minutes=s.minutes, elapsed_before=before, start_step=start, optimizer=opt, on_step=on_step,
                           progress=progress, precision=s.precision)

@@ -402,6 +402,10 @@ def _conversion_quality(v: View, d: dict) -> None:
         t, m = pk["teacher"][n], pk["model"][n]
         rows.append([f"passkey @ {n} tokens", f"{t['correct']}/{t['trials']}", f"{m['correct']}/{m['trials']}",
                      ">= the teacher"])
+    r = d.get("retrieval")
+    if r:
+        rows.append([f"key recall, retrieval windows ({r['windows']} x {r['tokens']} tokens, {r['model']['keys']} keys)",
+                     fmt(r["teacher"]["all"]), fmt(r["model"]["all"]), "-"])
     v.tables.append(Table(["metric", "teacher", "SpikingBrain (shipped delta)", "required"], rows))
     v.summary.append(f"{h['tokens']} held-out tokens at a {h['context_length']}-token context; delta: "
                      f"{d['model'].get('provenance', '?')}; made by `{d['model'].get('command', '?')}`.")

@@ -2,7 +2,8 @@
 used by ``spikingbrain demo`` and the conversion recipe (``convert/recipe.py``).
 
 Loss per step: ``KL(teacher || student)`` per token (``objective.distill_kl``) plus
-``ce_weight`` times the LM cross-entropy. AdamW, linear warm-up then cosine decay to 10% of
+``ce_weight`` times the LM cross-entropy, plus, for batches that mark answer rows (retrieval
+windows), ``answer_loss`` on those rows. AdamW, linear warm-up then cosine decay to 10% of
 ``lr``, gradients clipped at 1. Resumable: the batch of step ``s`` is ``batch_fn(s)`` (a pure
 function of the step), the learning rate a function of the step, and the caller passes back
 the optimizer it checkpointed with ``start_step``.
@@ -76,13 +77,26 @@ def trainable_only(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> 
         p.requires_grad_(id(p) in keep)
 
 
+def answer_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, ids: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+    """Extra loss on the rows that predict an answer (``answer [B, T]``: each row's weight, 0 on
+    the rest; the last row predicts nothing): the weighted KL to the teacher plus the weighted
+    cross-entropy of the true next token. Summed, like ``distill_kl``."""
+    w = answer[:, :-1]
+    sel = w > 0
+    z = s_logits[:, :-1][sel]
+    kl = distill_kl(z, t_logits[:, :-1][sel], weights=w[sel])
+    ce = (F.cross_entropy(z.float(), ids[:, 1:][sel], reduction="none") * w[sel].float()).sum()
+    return kl + ce
+
+
 def distill(student, teacher, batch_fn: Callable[[int], torch.Tensor], params: list[torch.nn.Parameter],
             steps: int, lr: float = 3e-4, *, ce_weight: float = 0.1, warmup: int | None = None,
             minutes: float | None = None, elapsed_before: float = 0.0, start_step: int = 0, optimizer=None,
             on_step: Callable[[int, torch.optim.Optimizer, dict], None] | None = None,
             progress: bool = True, precision: str = "fp32") -> list[dict]:
     """Train ``params`` of ``student`` for steps ``start_step .. steps - 1`` (or until
-    ``minutes`` have passed). ``batch_fn(step)``: token ids ``[B, T]``. ``on_step(step + 1,
+    ``minutes`` have passed). ``batch_fn(step)``: token ids ``[B, T]``, or ``(ids, answer)``
+    with per-row answer weights ``[B, T]`` (``answer_loss``; retrieval windows). ``on_step(step + 1,
     optimizer, record)`` runs after each step (checkpointing). ``minutes`` is a budget for the whole
     run, of which ``elapsed_before`` seconds were spent before a resume; the LR schedule follows
     whichever of steps and budget is further along. ``precision="bf16"``: both forwards under
@@ -101,7 +115,9 @@ def distill(student, teacher, batch_fn: Callable[[int], torch.Tensor], params: l
         for step in range(start_step, steps):
             if not schedule_step(opt, lr, step, steps, warmup, elapsed_before + time.time() - start, budget):
                 break
-            ids = batch_fn(step).to(device)
+            batch = batch_fn(step)
+            ids, answer = batch if isinstance(batch, tuple) else (batch, None)
+            ids = ids.to(device)
             with torch.no_grad(), autocast(precision, device):
                 t_logits = teacher(input_ids=ids, use_cache=False).logits
             with autocast(precision, device):
@@ -113,13 +129,17 @@ def distill(student, teacher, batch_fn: Callable[[int], torch.Tensor], params: l
             if ce_weight:
                 ce = F.cross_entropy(s_logits[:, :-1].float().reshape(-1, s_logits.shape[-1]), ids[:, 1:].reshape(-1))
                 loss = kl + ce_weight * ce
+            ans = torch.zeros(())
+            if answer is not None and bool((answer[:, :-1] > 0).any()):
+                ans = answer_loss(s_logits, t_logits, ids, answer.to(device)) / n
+                loss = loss + ans
             if not torch.isfinite(loss):
                 raise SpikingBrainError(f"distillation diverged at step {step + 1} (loss {float(loss)})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            rec = {"step": step + 1, "kl": float(kl.detach()), "ce": float(ce.detach()),
+            rec = {"step": step + 1, "kl": float(kl.detach()), "ce": float(ce.detach()), "answer": float(ans.detach()),
                    "tokens": (step + 1 - start_step) * n, "lr": opt.param_groups[0]["lr"],
                    "elapsed_s": elapsed_before + time.time() - start}
             log.append(rec)

@@ -21,17 +21,22 @@ import torch.nn.functional as F
 from spikingbrain.train.encode import IGNORE
 
 
-def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+               weights: torch.Tensor | None = None) -> torch.Tensor:
     """``T^2 * sum KL(softmax(teacher / T) || softmax(student / T))`` over every row of
     ``[..., V]`` logits (fp32), on the common vocabulary prefix: the project's one distillation
-    loss (the trainer, the context-parallel hook, the demo and the conversion recipe use it)."""
+    loss (the trainer, the context-parallel hook, the demo and the conversion recipe use it).
+    ``weights [...]``: each row's KL multiplied by its weight before the sum."""
     v = min(student_logits.shape[-1], teacher_logits.shape[-1])
     zs = student_logits[..., :v].float() / temperature
     zt = teacher_logits[..., :v].float() / temperature
     if zs.numel() == 0:
         return zs.sum() * 0.0
     log_pt = F.log_softmax(zt, dim=-1)
-    return (log_pt.exp() * (log_pt - F.log_softmax(zs, dim=-1))).sum() * temperature**2
+    rows = log_pt.exp() * (log_pt - F.log_softmax(zs, dim=-1))
+    if weights is not None:
+        rows = rows * weights.to(rows.dtype).unsqueeze(-1)
+    return rows.sum() * temperature**2
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None,
