@@ -51,7 +51,7 @@ def test_warmup_of_a_time_budgeted_run_ends_with_its_progress():
 
 
 def test_answer_loss_is_the_weighted_kl_plus_cross_entropy_of_the_answer_rows():
-    from spikingbrain.train.distill import answer_loss
+    from spikingbrain.train.objective import answer_loss
 
     g = torch.Generator().manual_seed(2)
     s, t = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)

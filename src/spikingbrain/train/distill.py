@@ -3,7 +3,7 @@ used by ``spikingbrain demo`` and the conversion recipe (``convert/recipe.py``).
 
 Loss per step: ``KL(teacher || student)`` per token (``objective.distill_kl``) plus
 ``ce_weight`` times the LM cross-entropy, plus, for batches that mark answer rows (retrieval
-windows), ``answer_loss`` on those rows. AdamW, linear warm-up then cosine decay to 10% of
+windows), ``objective.answer_loss`` on those rows. AdamW, linear warm-up then cosine decay to 10% of
 ``lr``, gradients clipped at 1. Resumable: the batch of step ``s`` is ``batch_fn(s)`` (a pure
 function of the step), the learning rate a function of the step, and the caller passes back
 the optimizer it checkpointed with ``start_step``.
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from spikingbrain.errors import SpikingBrainError
-from spikingbrain.train.objective import distill_kl
+from spikingbrain.train.objective import answer_loss, distill_kl
 
 
 WARMUP_FRACTION = 0.1  # the warm-up never takes more than this share of a run's progress
@@ -75,18 +75,6 @@ def trainable_only(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> 
     keep = {id(p) for p in params}
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
-
-
-def answer_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, ids: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
-    """Extra loss on the rows that predict an answer (``answer [B, T]``: each row's weight, 0 on
-    the rest; the last row predicts nothing): the weighted KL to the teacher plus the weighted
-    cross-entropy of the true next token. Summed, like ``distill_kl``."""
-    w = answer[:, :-1]
-    sel = w > 0
-    z = s_logits[:, :-1][sel]
-    kl = distill_kl(z, t_logits[:, :-1][sel], weights=w[sel])
-    ce = (F.cross_entropy(z.float(), ids[:, 1:][sel], reduction="none") * w[sel].float()).sum()
-    return kl + ce
 
 
 def distill(student, teacher, batch_fn: Callable[[int], torch.Tensor], params: list[torch.nn.Parameter],

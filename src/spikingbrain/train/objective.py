@@ -39,6 +39,18 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
     return rows.sum() * temperature**2
 
 
+def answer_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, ids: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+    """Extra loss on the rows that predict an answer (``answer [B, T]``: each row's weight, 0 on
+    the rest; the last row predicts nothing): the weighted KL to the teacher plus the weighted
+    cross-entropy of the true next token. Summed, like ``distill_kl``."""
+    w = answer[:, :-1]
+    sel = w > 0
+    z = s_logits[:, :-1][sel]
+    kl = distill_kl(z, t_logits[:, :-1][sel], weights=w[sel])
+    ce = (F.cross_entropy(z.float(), ids[:, 1:][sel], reduction="none") * w[sel].float()).sum()
+    return kl + ce
+
+
 def token_losses(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None,
                  temperature: float = 1.0) -> dict[str, torch.Tensor]:
     """``logits [b, L, V]``, ``labels [b, L]``. Returns fp32 scalars ``ce_sum``, ``kl_sum``
