@@ -12,8 +12,10 @@ Variants: ``prose-full`` (the old method: prose only, full-rank projections), ``
 ``chat-lowrank-transfer`` (attention transfer only, no end-to-end distillation),
 ``chat-full-distill-heavy`` / ``chat-full-transfer-heavy`` (the same budget split 40/60 or
 85/15 between transfer and distillation instead of 70/30), ``chat-full-550`` (all 550 shipped
-chat examples instead of the first 64), ``chat-full-bf16`` (the forwards under bf16 autocast: the
-DEMO recipe now).
+chat examples instead of the first 64), ``chat-full-bf16`` (the forwards under bf16 autocast),
+``chat-full-bf16-gla`` (bf16 operands in the chunked GLA's matmuls too),
+``chat-full-bf16-gla-cache96`` (and 96 cached transfer sequences instead of 48),
+``chat-full-bf16-gla-lr2x`` (and twice the attention-transfer learning rate: the DEMO recipe now).
 
     python3 benchmarks/conversion_ablation.py [--variants prose-full,chat-lowrank] [--minutes 6]
         [--tokens 4096] [--out benchmarks/results/conversion_ablation.json]
@@ -31,9 +33,9 @@ from pathlib import Path
 
 import torch
 
-# The rows measured before the recipe had a precision ran in fp32, so a variant's precision is
-# fp32 unless it says otherwise: each still changes one thing against chat-full.
-# chat-full-bf16 is DEMO itself.
+# The rows measured before the recipe had a precision ran in fp32, and before DEMO's transfer LR
+# was raised at 1e-3, so a variant's precision is fp32 and its transfer LR 1e-3 unless it says
+# otherwise: each still changes one thing against its row above. chat-full-bf16-gla-lr2x is DEMO.
 VARIANTS = {
     "prose-full": {"lora_rank": 0, "cache_chat_fraction": 0.0, "chat_fraction": 0.0},
     "chat-full": {"lora_rank": 0},
@@ -43,6 +45,9 @@ VARIANTS = {
     "chat-full-transfer-heavy": {"lora_rank": 0, "transfer_share": 0.85},
     "chat-full-550": {"lora_rank": 0, "chat_examples": 550},
     "chat-full-bf16": {"lora_rank": 0, "precision": "bf16"},
+    "chat-full-bf16-gla": {"lora_rank": 0, "precision": "bf16-gla"},
+    "chat-full-bf16-gla-cache96": {"lora_rank": 0, "precision": "bf16-gla", "cache_sequences": 96},
+    "chat-full-bf16-gla-lr2x": {"lora_rank": 0, "precision": "bf16-gla", "transfer_lr": 2e-3},
 }
 
 
@@ -61,6 +66,8 @@ def variant_recipe(base, name: str, minutes: float | None):
         r.cache_chat_fraction = v["cache_chat_fraction"]
     if "chat_examples" in v:
         r.chat_examples = v["chat_examples"]
+    if "cache_sequences" in v:
+        r.cache_sequences = v["cache_sequences"]
     stages = [s for s in r.stages if not (v.get("no_distill") and s.kind == "distill")]
     total = sum(s.minutes or 0 for s in stages)
     if "transfer_share" in v:  # the same total budget, split differently between the two kinds
@@ -70,6 +77,8 @@ def variant_recipe(base, name: str, minutes: float | None):
             s.minutes = (s.minutes or 0) / by_kind[s.kind] * share[s.kind] * total
     for s in stages:
         s.precision = v.get("precision", "fp32")
+        if s.kind == "transfer":
+            s.lr = v.get("transfer_lr", 1e-3)
         if "chat_fraction" in v and s.kind == "distill":
             s.chat_fraction = v["chat_fraction"]
         if minutes is not None and total:

@@ -48,7 +48,14 @@ def test_ablation_variants_change_one_thing_on_the_same_budget():
     assert mins["transfer"] == pytest.approx(0.4 * total) and mins["distill"] == pytest.approx(0.6 * total)
     assert abl.variant_recipe(DEMO, "chat-full-550", None).chat_examples == 550
     assert {s.precision for s in abl.variant_recipe(DEMO, "chat-full", None).stages} == {"fp32"}
-    assert abl.variant_recipe(DEMO, "chat-full-bf16", None) == DEMO  # the demo's recipe is a measured row
+    assert abl.variant_recipe(DEMO, "chat-full-bf16-gla-lr2x", None) == DEMO  # the demo's recipe is a measured row
+    assert [s.lr for s in abl.variant_recipe(DEMO, "chat-full", None).stages] == [1e-3, DEMO.stages[1].lr]
+    gla16 = abl.variant_recipe(DEMO, "chat-full-bf16-gla", None)
+    assert {s.precision for s in gla16.stages} == {"bf16-gla"} and gla16.cache_sequences == DEMO.cache_sequences
+    cache96 = abl.variant_recipe(DEMO, "chat-full-bf16-gla-cache96", None)
+    assert cache96.cache_sequences == 96 and cache96.stages == gla16.stages
+    lr2x = abl.variant_recipe(DEMO, "chat-full-bf16-gla-lr2x", None)
+    assert [s.lr for s in lr2x.stages] == [2 * gla16.stages[0].lr, DEMO.stages[1].lr]
     assert DEMO.chat_examples == 64 and [s.minutes for s in DEMO.stages] == [4.5, 2.0]  # DEMO itself untouched
     scaled = abl.variant_recipe(DEMO, "chat-full-distill-heavy", 13.0)
     assert sum(s.minutes for s in scaled.stages) == pytest.approx(13.0)

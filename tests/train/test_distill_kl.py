@@ -1,6 +1,7 @@
 """The one distillation loss (``objective.distill_kl``) and the LR schedule of the distillation loop."""
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -69,3 +70,20 @@ def test_answer_loss_is_the_weighted_kl_plus_cross_entropy_of_the_answer_rows():
     w = torch.arange(5.0)
     torch.testing.assert_close(distill_kl(s[0], t[0], weights=w),
                                sum(w[i] * distill_kl(s[0, i:i + 1], t[0, i:i + 1]) for i in range(5)))
+
+
+def test_precisions_set_autocast_and_the_gla_matmul_dtype():
+    """``bf16`` autocasts and leaves the chunked GLA fp32; ``bf16-gla`` also gives it bf16 matmul
+    operands; ``fp32`` does neither; an unknown precision is a clear error."""
+    from spikingbrain.errors import SpikingBrainError
+    from spikingbrain.ops.gla import _CHUNK_MATMUL_DTYPE
+    from spikingbrain.train.distill import autocast
+
+    seen = {}
+    for p in ("fp32", "bf16", "bf16-gla"):
+        with autocast(p, "cpu"):
+            seen[p] = (torch.is_autocast_enabled("cpu"), _CHUNK_MATMUL_DTYPE.get())
+    assert seen == {"fp32": (False, None), "bf16": (True, None), "bf16-gla": (True, torch.bfloat16)}
+    assert _CHUNK_MATMUL_DTYPE.get() is None and not torch.is_autocast_enabled("cpu")
+    with pytest.raises(SpikingBrainError, match="precision 'fp8'"):
+        autocast("fp8", "cpu")

@@ -36,7 +36,7 @@ def collect_teacher_io(teacher, batches, layers: list[int], dtype=torch.bfloat16
         hooks.append(attn.register_forward_hook(hook, with_kwargs=True))
     try:
         for ids in tqdm(batches, desc="teacher pass", disable=not progress, leave=False):
-            teacher(input_ids=ids)
+            teacher.model(input_ids=ids)  # the decoder stack only: the LM head (a fifth of the work) is not needed
     finally:
         for h in hooks:
             h.remove()

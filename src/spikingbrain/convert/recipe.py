@@ -17,8 +17,10 @@
      every layer's FFN (zero at first; earlier stages leave them so), so the rest of the
      network can compensate what the GLA layers still get wrong.
 
-Every stage may run its forwards under bf16 autocast (``precision``): the same step in ~0.55x
-the time on a CPU with AVX512-BF16 (the GLA state math stays fp32; the loss and the optimizer too).
+Every stage may run its forwards under bf16 autocast (``precision="bf16"``): the same step in
+~0.55x the time on a CPU with AVX512-BF16 (the GLA state math stays fp32; the loss and the
+optimizer too). ``"bf16-gla"`` also gives the chunked GLA's matmuls bf16 operands
+(``ops.gla.chunk_matmuls``; decays and the state scan stay fp32).
 
 With a work directory, the state (trainable tensors, optimizer, stage, step) is checkpointed
 atomically every ``checkpoint_seconds`` and at each stage's end; running the same recipe on the
@@ -57,7 +59,7 @@ class Stage:
     ce_weight: float = 0.0
     minutes: float | None = None  # the stage's time budget (all runs of it together), or None
     chat_examples: int | None = None  # distill only: the first N shipped chat examples (None: the recipe's)
-    precision: str = "fp32"  # "bf16": forwards under bf16 autocast (~1.8x faster on AVX512-BF16 CPUs)
+    precision: str = "fp32"  # "bf16": forwards under bf16 autocast; "bf16-gla": and bf16 GLA matmuls
     # distill only: also train rank-r updates of every layer's FFN (delta.FFN_TARGETS), which lets
     # distillation compensate the GLA layers' approximation where training attention alone plateaus
     ffn_lora_rank: int = 0
@@ -138,7 +140,7 @@ class ConversionRecipe:
 # comes first. Stages 3-4 were appended to a finished run of stages 0-2, then stage 5, then
 # stages 6-7 (with 550 chat examples: the first 64 plus 486 made later by the same script), then
 # stages 8-9 (bf16 forwards; rank-16 FFN updates in every layer, stored as int8 factors), then
-# stages 10-11 (with retrieval windows, retrieval_data.py).
+# stages 10-11 (with retrieval windows, retrieval_data.py), then stage 12 (chat-heavy: 60% chat windows, lower LR).
 SHIPPED = ConversionRecipe(cache_sequences=128, cache_seq_len=512, chat_examples=64, stages=[
     Stage("transfer", steps=4000, lr=1e-3, batch_size=4, minutes=13),
     Stage("distill", steps=2000, lr=2e-4, batch_size=2, seq_len=512, chat_fraction=0.5, minutes=6),
@@ -156,16 +158,19 @@ SHIPPED = ConversionRecipe(cache_sequences=128, cache_seq_len=512, chat_examples
           precision="bf16", ffn_lora_rank=16, retrieval_fraction=0.3, retrieval_weight=4.0),
     Stage("distill", steps=1000, lr=1e-4, batch_size=1, seq_len=2048, chat_fraction=0.3, minutes=30, chat_examples=550,
           precision="bf16", ffn_lora_rank=16, retrieval_fraction=0.3, retrieval_weight=4.0),
+    Stage("distill", steps=2000, lr=1e-4, batch_size=1, seq_len=1024, chat_fraction=0.6, minutes=55, chat_examples=550,
+          precision="bf16", ffn_lora_rank=16, retrieval_fraction=0.15, retrieval_weight=4.0),
 ])
 
 
 # `spikingbrain demo --from-scratch`: the same recipe on a ~10-minute budget (2 CPU cores).
-# Full-rank updates: on this budget they beat rank-64 ones; bf16 forwards fit 1.6x the
-# distillation tokens and beat fp32 (BENCHMARKS.md, conversion ablation). The demo ships no
-# delta, so the updates' size does not matter here.
+# Full-rank updates: on this budget they beat rank-64 ones; bf16 forwards (and bf16 operands in the
+# chunked GLA's matmuls) fit more tokens and beat fp32; the transfer's LR is twice the shipped
+# recipe's (BENCHMARKS.md, conversion ablation). The demo ships no delta, so the updates' size
+# does not matter here.
 DEMO = ConversionRecipe(lora_rank=0, cache_sequences=48, cache_seq_len=512, chat_examples=64, checkpoint_seconds=1e9, stages=[
-    Stage("transfer", steps=400, lr=1e-3, batch_size=4, minutes=4.5, precision="bf16"),
-    Stage("distill", steps=60, lr=2e-4, batch_size=2, seq_len=512, chat_fraction=0.5, minutes=2.0, precision="bf16"),
+    Stage("transfer", steps=400, lr=2e-3, batch_size=4, minutes=4.5, precision="bf16-gla"),
+    Stage("distill", steps=60, lr=2e-4, batch_size=2, seq_len=512, chat_fraction=0.5, minutes=2.0, precision="bf16-gla"),
 ])
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -55,15 +56,26 @@ def schedule_step(opt, lr: float, step: int, steps: int, warmup: int, elapsed_s:
     return True
 
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "bf16-gla")
 
 
 def autocast(precision: str, device: torch.device):
-    """The forward's autocast context for ``precision`` (``PRECISIONS``). bf16 roughly halves a
-    CPU step on cores with AVX512-BF16/AMX (BENCHMARKS.md); GLA state math stays fp32 (``ops.gla``)."""
+    """The forward's autocast context for ``precision`` (``PRECISIONS``). ``bf16`` roughly halves a
+    CPU step on cores with AVX512-BF16/AMX (BENCHMARKS.md); the GLA's chunked form stays fp32
+    (``ops.gla``). ``bf16-gla``: bf16 autocast and bf16 operands in the chunked GLA's matmuls too
+    (``ops.gla.chunk_matmuls``; decays and the state scan stay fp32)."""
     if precision not in PRECISIONS:
         raise SpikingBrainError(f"precision {precision!r}: choose from {PRECISIONS}")
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    return _autocast(torch.device(device).type, precision)
+
+
+@contextmanager
+def _autocast(device_type: str, precision: str):
+    from spikingbrain.ops.gla import chunk_matmuls
+
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision != "fp32"), \
+            chunk_matmuls(torch.bfloat16 if precision == "bf16-gla" else None):
+        yield
 
 
 def make_optimizer(params, lr: float) -> torch.optim.AdamW:
