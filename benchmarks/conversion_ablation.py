@@ -15,7 +15,8 @@ Variants: ``prose-full`` (the old method: prose only, full-rank projections), ``
 chat examples instead of the first 64), ``chat-full-bf16`` (the forwards under bf16 autocast),
 ``chat-full-bf16-gla`` (bf16 operands in the chunked GLA's matmuls too),
 ``chat-full-bf16-gla-cache96`` (and 96 cached transfer sequences instead of 48),
-``chat-full-bf16-gla-lr2x`` (and twice the attention-transfer learning rate: the DEMO recipe now).
+``chat-full-bf16-gla-lr2x`` (and twice the attention-transfer learning rate: the DEMO recipe now),
+``chat-full-bf16-gla-lr4x`` (four times).
 
     python3 benchmarks/conversion_ablation.py [--variants prose-full,chat-lowrank] [--minutes 6]
         [--tokens 4096] [--out benchmarks/results/conversion_ablation.json]
@@ -48,6 +49,7 @@ VARIANTS = {
     "chat-full-bf16-gla": {"lora_rank": 0, "precision": "bf16-gla"},
     "chat-full-bf16-gla-cache96": {"lora_rank": 0, "precision": "bf16-gla", "cache_sequences": 96},
     "chat-full-bf16-gla-lr2x": {"lora_rank": 0, "precision": "bf16-gla", "transfer_lr": 2e-3},
+    "chat-full-bf16-gla-lr4x": {"lora_rank": 0, "precision": "bf16-gla", "transfer_lr": 4e-3},
 }
 
 
