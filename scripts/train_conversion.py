@@ -33,6 +33,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="where teacher and student run: cpu, cuda, cuda:1, ...")
     p.add_argument("--factors", choices=["fp16", "int8"], default="fp16",
                    help="how the delta stores low-rank factors (int8: half the size, per-row scales)")
+    p.add_argument("--rank", type=int, default=None,
+                   help="store full-rank GLA projection updates (lora_rank 0, or any run from an init_delta) "
+                        "as rank-R truncated-SVD factors")
+    p.add_argument("--ffn-rank", type=int, default=None,
+                   help="the same for FFN updates (default: the recipe's ffn rank, else the init_delta's)")
     p.add_argument("--max-mb", type=float, default=10.0, help="refuse to write a larger delta")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -67,11 +72,26 @@ def main(argv=None) -> int:
         report = {"stages": state.get("history", []), "checkpoint": ck.name}
     else:
         student, report = R.run_conversion(teacher, tok, recipe, wd)
-    tokens = {k: sum(h["tokens"] for h in report["stages"] if h["kind"] == k) for k in ("transfer", "distill")}
+    stages = report["stages"]
+    init = None
+    if recipe.init_delta is not None:  # the stages that made the starting delta count too
+        from spikingbrain.convert.delta import load_delta_metadata
+
+        im = load_delta_metadata(recipe.init_delta)
+        init = {"sha256": R.file_sha256(Path(recipe.init_delta)), "command": im.get("command"),
+                "recipe": json.loads(im.get("recipe", "null")), "stages": json.loads(im.get("stages", "[]"))}
+        stages = init["stages"] + stages
+    tokens = {k: sum(h["tokens"] for h in stages if h["kind"] == k) for k in ("transfer", "distill")}
     where = f"CPU {platform.machine()}, {args.threads} threads" if device.type == "cpu" else str(device)
-    updates = f"rank-{recipe.lora_rank} GLA projection updates" + (
-        f", rank-{recipe.ffn_rank} FFN updates" if recipe.ffn_rank else "") + f", {args.factors} factors"
-    data = "shipped prose + chat data" + (" + retrieval windows" if any(st.retrieval_fraction for st in recipe.stages) else "")
+    ffn_rank = args.ffn_rank or recipe.ffn_rank or (init_ffn_rank(recipe.init_delta) if init else None)
+    rank = args.rank or recipe.lora_rank or None
+    updates = (f"rank-{rank} GLA projection updates" if rank else "full-rank GLA projection updates") + (
+        f", rank-{ffn_rank} FFN updates" if ffn_rank else "") + f", {args.factors} factors"
+    if init:
+        updates += f"; started from the delta {init['sha256'][:12]}... ({len(init['stages'])} stages)"
+    retrieval = any(st.retrieval_fraction for st in recipe.stages) or bool(
+        init and any(st.get("retrieval_fraction") for st in (init["recipe"] or {}).get("stages", [])))
+    data = "shipped prose + chat data" + (" + retrieval windows" if retrieval else "")
     meta = {
         "command": "python3 scripts/train_conversion.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "recipe": json.dumps(recipe.to_dict()),
@@ -80,12 +100,23 @@ def main(argv=None) -> int:
                       f"per layer + distillation {tokens['distill']:,} tokens ({data}); {updates}",
         "torch": torch.__version__,
     }
-    size = save_delta(student, teacher, args.out, meta, factors=args.factors)
+    if init:
+        meta["init_delta"] = json.dumps(init)
+    size = save_delta(student, teacher, args.out, meta, factors=args.factors, rank=rank, ffn_rank=ffn_rank)
     if size > args.max_mb * 1e6:
         Path(args.out).unlink()
         raise SpikingBrainError(f"the delta is {size / 1e6:.1f} MB, over --max-mb {args.max_mb}")
     print(f"wrote {args.out} ({size / 1e6:.2f} MB) after {time.time() - t0:.0f} s")
     return 0
+
+
+def init_ffn_rank(path) -> int | None:
+    """The rank of the FFN updates in the delta at ``path`` (None: it has none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        ranks = {f.get_slice(k).get_shape()[0] for k in f.keys() if ".mlp." in k and k.endswith(".lora_A")}
+    return max(ranks) if ranks else None
 
 
 if __name__ == "__main__":

@@ -55,6 +55,55 @@ def test_delta_round_trip(tmp_path):
     assert (la - lb).abs().max() < 0.05 * la.abs().max()
 
 
+def _proj_updates(student, teacher) -> dict[str, torch.Tensor]:
+    return {n: p.detach() - teacher.get_parameter(n).detach() for n, p in _gla_params(student).items()
+            if n.split("self_attn.")[1].split(".")[0] in ("q_proj", "k_proj", "v_proj", "o_proj")}
+
+
+@pytest.mark.parametrize("rank", [3, 8])
+def test_full_updates_saved_at_a_rank_keep_the_best_low_rank_part(tmp_path, rank):
+    """Eckart-Young as the independent anchor: what a rank-r file restores differs from the
+    full update by exactly the update's singular values past r (fp16 factors: ~1e-3 relative)."""
+    teacher = tiny_llama()
+    trained = convert_from_transformer(teacher, layout="7b", sliding_window=16)
+    _perturb(trained)
+    save_delta(trained, teacher, tmp_path / "r.safetensors", {}, rank=rank)
+    from safetensors.torch import load_file
+
+    stored = load_file(str(tmp_path / "r.safetensors"))
+    assert not any(n.endswith(".delta") for n in stored)
+    fresh = convert_from_transformer(teacher, layout="7b", sliding_window=16)
+    apply_delta(fresh, teacher, tmp_path / "r.safetensors")
+    full, got = _proj_updates(trained, teacher), _proj_updates(fresh, teacher)
+    for n, d in full.items():
+        assert stored[n + ".lora_A"].shape[0] == min(rank, *d.shape)
+        tail = torch.linalg.svdvals(d.double())[rank:]
+        err = torch.linalg.matrix_norm((got[n] - d).double())
+        expect = tail.square().sum().sqrt()
+        assert abs(err - expect) <= 2e-3 * torch.linalg.matrix_norm(d.double()) + 1e-6, (n, float(err), float(expect))
+    # the parameters that are not projections travel exactly
+    for n, p in _gla_params(trained).items():
+        if n not in full:
+            assert torch.equal(p, _gla_params(fresh)[n]), n
+
+
+def test_ffn_updates_that_are_not_lora_factors_need_a_rank(tmp_path):
+    teacher = tiny_llama()
+    student = convert_from_transformer(teacher, layout="7b", sliding_window=16)
+    with torch.no_grad():
+        student.model.layers[2].mlp.up_proj.weight.add_(0.01)  # rank 1
+    with pytest.raises(SpikingBrainError, match="give the FFN updates a rank"):
+        save_delta(student, teacher, tmp_path / "f.safetensors", {})
+    save_delta(student, teacher, tmp_path / "f.safetensors", {}, ffn_rank=1)
+    fresh = convert_from_transformer(teacher, layout="7b", sliding_window=16)
+    apply_delta(fresh, teacher, tmp_path / "f.safetensors")
+    torch.testing.assert_close(fresh.model.layers[2].mlp.up_proj.weight, student.model.layers[2].mlp.up_proj.weight,
+                               rtol=0, atol=1e-5)
+    assert torch.equal(fresh.model.layers[0].mlp.up_proj.weight, teacher.model.layers[0].mlp.up_proj.weight)
+    with pytest.raises(SpikingBrainError, match="ranks must be >= 1"):
+        save_delta(student, teacher, tmp_path / "g.safetensors", {}, rank=0)
+
+
 def test_delta_refuses_another_teacher_or_layout(tmp_path):
     teacher = tiny_llama()
     trained = convert_from_transformer(teacher, layout="7b")

@@ -144,3 +144,38 @@ def test_key_recall_counts_keys_whose_every_token_is_predicted():
     assert quality.key_recall(Oracle(1), None, [(ids, answer)]) == {"keys": 2, "first": 1.0, "all": 0.5}
     assert quality.key_recall(Oracle(5), None, [(ids, answer)]) == {"keys": 2, "first": 0.5, "all": 0.5}
     assert quality.key_recall(Oracle(3), None, [(ids, answer)]) == {"keys": 2, "first": 1.0, "all": 1.0}
+
+
+def test_restoring_every_gla_layer_gives_back_the_teacher():
+    """The layer diagnostic's surgery, anchored to the teacher: restoring one GLA layer gives it
+    the teacher's attention weights and leaves the other layers as they were; restoring them all
+    (the SWA window covers the sequence) computes exactly the teacher's logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from spikingbrain.convert.delta import gla_layers
+    from spikingbrain.convert.mapping import convert_from_transformer
+
+    diag = _load("conversion_layers", "benchmarks/conversion_layers.py")
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                           num_attention_heads=4, num_key_value_heads=2)).eval()
+    student = convert_from_transformer(teacher, layout="7b", sliding_window=16)
+    with torch.no_grad():  # a trained student: its FFNs too differ from the teacher's
+        for n, p in student.named_parameters():
+            if ".mlp." in n or ".self_attn." in n:
+                p.add_(0.01 * torch.randn_like(p))
+    first = diag.restored(student, teacher, None, 0)
+    assert "gla" not in first.config.layer_types[0] and first.config.layer_types[2] == student.config.layer_types[2]
+    assert torch.equal(first.model.layers[0].self_attn.q_proj.weight, teacher.model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(first.model.layers[2].self_attn.q_proj.weight, student.model.layers[2].self_attn.q_proj.weight)
+    assert torch.equal(first.model.layers[0].mlp.up_proj.weight, student.model.layers[0].mlp.up_proj.weight)
+    m = student
+    for i in gla_layers(student):
+        m = diag.restored(m, teacher, None, i)
+    with torch.no_grad():  # undo the FFN and SWA perturbations: then the model is the teacher
+        for n, p in m.named_parameters():
+            if ".mlp." in n or ".self_attn." in n:
+                p.copy_(teacher.get_parameter(n))
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(m(input_ids=ids).logits, teacher(input_ids=ids).logits, rtol=1e-4, atol=1e-4)

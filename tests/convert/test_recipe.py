@@ -158,6 +158,18 @@ def test_the_gpu_recipe_is_valid():
     assert r.ffn_rank == R.SHIPPED.ffn_rank and r.lora_rank == R.SHIPPED.lora_rank  # its delta fits the same budget
 
 
+def test_the_continuation_recipe_starts_from_the_shipped_delta():
+    from pathlib import Path
+
+    from spikingbrain.convert.delta import SHIPPED_DELTA
+
+    root = Path(__file__).resolve().parents[2]
+    r = R.ConversionRecipe.from_dict(json.loads((root / "recipes" / "conversion-continue-full.json").read_text()))
+    r.validate()
+    assert r.lora_rank == 0 and r.init_delta == f"src/spikingbrain/convert/weights/{SHIPPED_DELTA}"
+    assert (root / r.init_delta).is_file()
+
+
 def test_recipe_validation_errors_are_clear():
     with pytest.raises(SpikingBrainError, match="kind"):
         R.ConversionRecipe(stages=[R.Stage("dance", steps=1, lr=1e-3, batch_size=1)]).validate()
@@ -261,3 +273,86 @@ def test_a_checkpoint_must_hold_the_recipes_parameters(tmp_path, tiny):
     params.pop(next(iter(params)))
     with pytest.raises(SpikingBrainError, match="does not match"):
         R._load_params(ck, params)
+
+
+def test_a_run_may_start_from_a_delta_and_train_in_full(tmp_path, tiny):
+    """``init_delta``: the student starts as the delta's model (not the bare conversion), trains
+    full-rank projections, exports a low-rank file again whose model is the trained one up to
+    the truncation; a resume from another file is refused."""
+    from spikingbrain.convert.delta import apply_delta, save_delta
+    from spikingbrain.convert.mapping import convert_from_transformer
+
+    teacher, tok = tiny
+    r = small_recipe()
+    r.stages[1].ffn_lora_rank = 2
+    first, _ = R.run_conversion(teacher, tok, r, None, progress=False, say=lambda m: None)
+    save_delta(first, teacher, tmp_path / "first.safetensors", {"command": "first"})
+    ids = torch.randint(0, len(tok), (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want_start = first(input_ids=ids).logits
+
+    nxt = R.ConversionRecipe(sliding_window=16, lora_rank=0, checkpoint_seconds=0.0,
+                             init_delta=str(tmp_path / "first.safetensors"),
+                             stages=[R.Stage("distill", steps=3, lr=1e-3, batch_size=2, seq_len=24)])
+    start, _ = R.prepare_student(teacher, tok, nxt, torch.arange(500))
+    with torch.no_grad():  # the starting point is the delta's model (fp16 factors: ~1e-3)
+        assert (start(input_ids=ids).logits - want_start).abs().max() < 1e-2 * want_start.abs().max()
+    trained, rep = R.run_conversion(teacher, tok, nxt, tmp_path / "run", progress=False, say=lambda m: None)
+    assert rep["stages"][0]["to_step"] == 3
+    assert json.loads((tmp_path / "run" / "init_delta.json").read_text())["sha256"] == \
+        R.file_sha256(tmp_path / "first.safetensors")
+    moved = [n for n, p in trained.named_parameters() if not torch.equal(p, start.get_parameter(n))]
+    assert moved and all(".self_attn." in n for n in moved)
+    # exported at full rank (the tiny model's widths), the file restores the trained model
+    save_delta(trained, teacher, tmp_path / "next.safetensors", {}, rank=32, ffn_rank=64)
+    fresh = convert_from_transformer(teacher, layout="7b", sliding_window=16, tokenizer=tok)
+    apply_delta(fresh, teacher, tmp_path / "next.safetensors")
+    with torch.no_grad():
+        want, got = trained(input_ids=ids).logits, fresh(input_ids=ids).logits
+    assert (want - got).abs().max() < 1e-2 * want.abs().max()
+
+    # the same path now holds another delta: resuming the run from it is refused
+    (tmp_path / "first.safetensors").write_bytes((tmp_path / "next.safetensors").read_bytes())
+    with pytest.raises(SpikingBrainError, match="started from another init_delta"):
+        R.run_conversion(teacher, tok, nxt, tmp_path / "run", progress=False, say=lambda m: None)
+    nxt.init_delta = str(tmp_path / "missing.safetensors")
+    with pytest.raises(SpikingBrainError, match="not found"):
+        R.run_conversion(teacher, tok, nxt, tmp_path / "run2", progress=False, say=lambda m: None)
+
+
+def test_the_training_script_exports_a_continued_run_at_a_rank(tmp_path, tiny, monkeypatch):
+    """scripts/train_conversion.py on a run from an init_delta: the export is low-rank (no full
+    ``.delta`` tensor), int8, and its metadata carries the starting delta's hash and stages."""
+    import importlib.util as u
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from spikingbrain.convert import teacher as T
+    from spikingbrain.convert.delta import load_delta_metadata, save_delta
+
+    teacher, tok = tiny
+    monkeypatch.setattr(T, "load_teacher", lambda *a, **k: (teacher, tok))
+    r = small_recipe()
+    first, rep = R.run_conversion(teacher, tok, r, None, progress=False, say=lambda m: None)
+    save_delta(first, teacher, tmp_path / "first.safetensors",
+               {"command": "first", "recipe": r.to_dict(), "stages": rep["stages"]})
+    nxt = R.ConversionRecipe(sliding_window=16, lora_rank=0, checkpoint_seconds=0.0,
+                             init_delta=str(tmp_path / "first.safetensors"),
+                             stages=[R.Stage("distill", steps=2, lr=1e-3, batch_size=2, seq_len=24)])
+    (tmp_path / "next.json").write_text(json.dumps(nxt.to_dict()))
+    spec = u.spec_from_file_location("train_conversion", Path(__file__).resolve().parents[2] / "scripts" / "train_conversion.py")
+    script = u.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "out.safetensors"
+    assert script.main(["--workdir", str(tmp_path / "wd"), "--recipe", str(tmp_path / "next.json"), "--rank", "3",
+                        "--factors", "int8", "--out", str(out), "--threads", "1"]) == 0
+    stored = load_file(str(out))
+    assert not any(n.endswith(".delta") for n in stored)
+    assert {t.shape[0] for n, t in stored.items() if ".self_attn." in n and n.endswith(".lora_A")} == {3}
+    assert stored[next(n for n in stored if n.endswith(".lora_A"))].dtype == torch.int8
+    meta = load_delta_metadata(out)
+    init = json.loads(meta["init_delta"])
+    assert init["sha256"] == R.file_sha256(tmp_path / "first.safetensors") and init["command"] == "first"
+    assert len(json.loads(meta["stages"])) == 1 and "started from the delta" in meta["provenance"]
+    assert "--rank 3" in meta["command"]

@@ -7,7 +7,10 @@ them, in low-rank updates of the FFNs. The file (safetensors) holds, per GLA lay
   ``B``) for a projection trained as a low-rank update: ``W = W_teacher + B A``; stored as int8
   with a per-row fp16 ``{...}.scale`` ``[rows, 1]`` when saved with ``factors="int8"`` (half the
   size; the update's error is ~0.3% of its own size, not of the weight's);
-- ``{name}.delta`` (bf16) for a projection trained in full: ``W = W_teacher + delta``;
+- ``{name}.delta`` (bf16) for a projection trained in full: ``W = W_teacher + delta``; or, when
+  saved with ``rank``/``ffn_rank``, the same update compressed to ``lora_A``/``lora_B`` factors by a
+  truncated SVD (a student that started from an earlier delta, ``ConversionRecipe.init_delta``,
+  differs from the teacher by that delta plus what it learned since: the sum is what is stored);
 - ``{name}`` (fp32) for parameters the teacher does not have (gate, output norm);
 
 and, for any layer whose FFN trained (``FFN_TARGETS``), the same ``lora_A``/``lora_B`` pair for
@@ -102,25 +105,60 @@ def _put_lora(tensors: dict, name: str, mod, factors: str) -> None:
     _put_factor(tensors, name + ".lora_B", mod.lora_B.detach().float().cpu() * mod.scaling, factors)
 
 
-def delta_tensors(student, teacher, factors: str = "fp16") -> dict[str, torch.Tensor]:
-    """The tensors ``save_delta`` stores (see the module docstring); ``factors``: ``FACTORS``."""
+def low_rank(diff: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best rank-``rank`` factors of ``diff [out, in]`` (truncated SVD, Eckart-Young):
+    ``(A [r, in], B [out, r])`` with ``B @ A ~= diff``, the singular values split evenly between
+    them so that both quantize alike."""
+    U, S, Vh = torch.linalg.svd(diff.double(), full_matrices=False)
+    r = min(rank, S.numel())
+    root = S[:r].sqrt()
+    return (root[:, None] * Vh[:r]).float(), (U[:, :r] * root).float()
+
+
+def _update(mod, teacher_w: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``(W_effective - W_teacher, whether that is exactly the module's LoRA factors)``."""
+    from spikingbrain.train.trainable import LoRALinear
+
+    if isinstance(mod, LoRALinear):
+        base = mod.base.weight.detach().float().cpu()
+        if torch.equal(base, teacher_w):
+            return mod.delta().detach().float().cpu(), True
+        return base - teacher_w + mod.delta().detach().float().cpu(), False
+    return mod.weight.detach().float().cpu() - teacher_w, False
+
+
+def delta_tensors(student, teacher, factors: str = "fp16", rank: int | None = None,
+                  ffn_rank: int | None = None) -> dict[str, torch.Tensor]:
+    """The tensors ``save_delta`` stores (see the module docstring); ``factors``: ``FACTORS``.
+    ``rank``: store full GLA projection updates as rank-``rank`` SVD factors (else bf16 in
+    full); ``ffn_rank``: the same for FFN updates that are not LoRA factors on the teacher's own
+    weights (required when there are any)."""
     from spikingbrain.train.trainable import LoRALinear
 
     if factors not in FACTORS:
         raise SpikingBrainError(f"delta factors {factors!r}: choose from {FACTORS}")
+    if (rank is not None and rank < 1) or (ffn_rank is not None and ffn_rank < 1):
+        raise SpikingBrainError(f"delta ranks must be >= 1, got rank={rank}, ffn_rank={ffn_rank}")
+
+    def put_factors(name: str, A: torch.Tensor, B: torch.Tensor) -> None:
+        _put_factor(tensors, name + ".lora_A", A, factors)
+        _put_factor(tensors, name + ".lora_B", B, factors)
+
     tensors = {}
     for i in gla_layers(student):
         mixer = student.model.layers[i].self_attn
         prefix = f"model.layers.{i}.self_attn."
         for proj in PROJECTIONS:
             mod = getattr(mixer, proj)
-            if isinstance(mod, LoRALinear):
-                _put_lora(tensors, prefix + proj + ".weight", mod, factors)
-                base = mod.base
+            name = prefix + proj + ".weight"
+            diff, exact = _update(mod, _teacher_param(teacher, name))
+            if exact:
+                _put_lora(tensors, name, mod, factors)
+            elif rank is not None:
+                put_factors(name, *low_rank(diff, rank))
             else:
-                base = mod
-                diff = base.weight.detach().float().cpu() - _teacher_param(teacher, prefix + proj + ".weight")
-                tensors[prefix + proj + ".weight.delta"] = diff.to(torch.bfloat16).contiguous()
+                tensors[name + ".delta"] = diff.to(torch.bfloat16).contiguous()
+            base = mod.base if isinstance(mod, LoRALinear) else mod
             if base.bias is not None:
                 diff = base.bias.detach().float().cpu() - _teacher_param(teacher, prefix + proj + ".bias")
                 tensors[prefix + proj + ".bias.delta"] = diff.to(torch.bfloat16).contiguous()
@@ -128,15 +166,24 @@ def delta_tensors(student, teacher, factors: str = "fp16") -> dict[str, torch.Te
             if n.split(".")[0] not in PROJECTIONS:
                 tensors[prefix + n] = p.detach().float().cpu().contiguous()
     for n, mod in student.named_modules():
-        if isinstance(mod, LoRALinear) and re.fullmatch(FFN_TARGETS, n):
+        if not re.fullmatch(FFN_TARGETS, n):
+            continue
+        diff, exact = _update(mod, _teacher_param(teacher, n + ".weight"))
+        if exact:
             _put_lora(tensors, n + ".weight", mod, factors)
+        elif bool(diff.abs().max() > 0):
+            if ffn_rank is None:
+                raise SpikingBrainError(f"{n} differs from the teacher's but is not a low-rank update of it: "
+                                        "give the FFN updates a rank (ffn_rank) to store them")
+            put_factors(n + ".weight", *low_rank(diff, ffn_rank))
     return tensors
 
 
-def save_delta(student, teacher, path: str | os.PathLike, metadata: dict, factors: str = "fp16") -> int:
+def save_delta(student, teacher, path: str | os.PathLike, metadata: dict, factors: str = "fp16",
+               rank: int | None = None, ffn_rank: int | None = None) -> int:
     """Write the delta atomically with ``metadata`` (values turned into strings; the format,
-    fingerprint and layout are added); low-rank factors as ``factors`` (``FACTORS``). Returns
-    the file size in bytes."""
+    fingerprint and layout are added); low-rank factors as ``factors`` (``FACTORS``), full
+    updates compressed to ``rank``/``ffn_rank`` (``delta_tensors``). Returns the file size in bytes."""
     from safetensors.torch import save_file
 
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
@@ -146,7 +193,7 @@ def save_delta(student, teacher, path: str | os.PathLike, metadata: dict, factor
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(delta_tensors(student, teacher, factors), str(tmp), metadata=meta)
+    save_file(delta_tensors(student, teacher, factors, rank, ffn_rank), str(tmp), metadata=meta)
     os.replace(tmp, path)
     return path.stat().st_size
 

@@ -1,6 +1,7 @@
 """The conversion recipe: teacher -> trained SpikingBrain student, in stages, resumable.
 
 1. convert (``mapping.convert_from_transformer``) and calibrate the GLA output norms;
+   or, with ``init_delta``, start from a trained delta merged into that conversion;
 2. optionally wrap the GLA projections as low-rank updates of the teacher's weights
    (``lora_rank``: the delta stays small, and the frozen base weights need no gradient);
 3. run the stages in order:
@@ -81,6 +82,11 @@ class ConversionRecipe:
     cache_chat_fraction: float = 0.35
     chat_examples: int | None = None  # the first N shipped chat examples (None: all)
     checkpoint_seconds: float = 120.0
+    # start from a trained delta (its GLA mixers and FFN updates merged into the converted student)
+    # instead of the bare calibrated conversion: a finished run goes on with another kind of update
+    # (e.g. lora_rank 0: full-rank projections, compressed back to low rank at export). The file's
+    # sha256 is kept in the work directory, and a resume with another file is refused
+    init_delta: str | None = None
     stages: list[Stage] = field(default_factory=list)
 
     @classmethod
@@ -278,6 +284,10 @@ def prepare_student(teacher, tokenizer, recipe: ConversionRecipe, prose: torch.T
     device = next(teacher.parameters()).device
     calib = windows(prose, 4, 256, torch.Generator().manual_seed(recipe.seed + 1)).to(device)
     calibrate_output_norms(student, teacher, calib)
+    if recipe.init_delta is not None:
+        from spikingbrain.convert.delta import apply_delta
+
+        apply_delta(student, teacher, recipe.init_delta)
     if recipe.lora_rank > 0:
         torch.manual_seed(recipe.seed)
         layers = "|".join(str(i) for i in gla_layers(student))
@@ -324,6 +334,30 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".tmp-{path.name}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_init_delta(workdir: Path, path: Path) -> None:
+    """The run started from ``path``; resuming it from another file would mix two trainings."""
+    if not path.is_file():
+        raise SpikingBrainError(f"conversion recipe: init_delta {path} not found")
+    sha, record = file_sha256(path), workdir / "init_delta.json"
+    if record.is_file():
+        started = json.loads(record.read_text())["sha256"]
+        if started != sha:
+            raise SpikingBrainError(f"{workdir} was started from another init_delta (sha256 {started[:12]}..., "
+                                    f"{path} has {sha[:12]}...); use the same file or a new directory")
+    else:
+        _atomic_write(record, json.dumps({"path": str(path), "sha256": sha}))
 
 
 def _checkpoints(workdir: Path) -> list[Path]:
@@ -377,6 +411,8 @@ def run_conversion(teacher, tokenizer, recipe: ConversionRecipe, workdir: str | 
             if len(recipe.stages) > len(started.stages):
                 say(f"[convert] {wd}: recipe extended by {len(recipe.stages) - len(started.stages)} stage(s)")
         _atomic_write(rpath, json.dumps(recipe.to_dict(), indent=1))
+        if recipe.init_delta is not None:
+            _check_init_delta(wd, Path(recipe.init_delta))
     for p in teacher.parameters():
         p.requires_grad_(False)
     prose = shipped_ids(tokenizer, "train")

@@ -18,10 +18,11 @@ from pathlib import Path
 
 from spikingbrain.errors import SpikingBrainError
 
-ORDER = ["conversion_quality", "conversion_ablation", "conversion_step", "prefill", "decode", "memory", "train", "moe", "context_parallel", "spiking", "serve_throughput", "serve_load", "official_7b"]
+ORDER = ["conversion_quality", "conversion_ablation", "conversion_layers", "conversion_step", "prefill", "decode", "memory", "train", "moe", "context_parallel", "spiking", "serve_throughput", "serve_load", "official_7b"]
 TITLES = {
     "conversion_quality": "Conversion quality of the shipped delta vs the teacher (2k context)",
     "conversion_ablation": "Conversion recipe ablation (CPU)",
+    "conversion_layers": "Where the converted model's error lives: one GLA layer restored at a time",
     "conversion_step": "Conversion step time: fp32 vs bf16 autocast (CPU)",
     "eval_demo": "Evaluation of the earlier demo model (2026-11-23)",
     "prefill": "Prefill time vs prompt length",
@@ -37,6 +38,7 @@ TITLES = {
 }
 SCRIPTS = {"conversion_quality": "benchmarks/conversion_quality.py",
            "conversion_ablation": "benchmarks/conversion_ablation.py",
+           "conversion_layers": "benchmarks/conversion_layers.py",
            "conversion_step": "benchmarks/conversion_step.py", "prefill": "benchmarks/prefill.py", "decode": "benchmarks/decode.py", "train": "benchmarks/train_throughput.py",
            "moe": "benchmarks/moe.py", "context_parallel": "benchmarks/context_parallel.py",
            "spiking": "benchmarks/spiking_sweep.py", "serve_throughput": "benchmarks/serve_throughput.py",
@@ -411,7 +413,16 @@ def _conversion_quality(v: View, d: dict) -> None:
                      f"{d['model'].get('provenance', '?')}; made by `{d['model'].get('command', '?')}`.")
 
 
-BUILDERS = {"conversion_quality": _conversion_quality, "prefill": _prefill, "decode": _decode, "memory": _memory, "train": _train, "moe": _moe,
+def _conversion_layers(v: View, d: dict) -> None:
+    st = d["student"]
+    rows = [["none (the student)", fmt(st["top1"]), fmt(st["kl"]), "-"]]
+    rows += [[f"layer {i}", fmt(r["top1"]), fmt(r["kl"]), f"{r['kl_closed']:+.4f}"] for i, r in d["restored"].items()]
+    v.tables.append(Table(["GLA layer given back its softmax attention", "top-1", "KL", "KL closed"], rows))
+    v.summary.append(f"{d['tokens']} held-out tokens at a {d['context']}-token context; the single-layer "
+                     f"reductions sum to {d['kl_closed_sum']:.4f} of the student's KL {st['kl']:.4f}.")
+
+
+BUILDERS = {"conversion_quality": _conversion_quality, "conversion_layers": _conversion_layers, "prefill": _prefill, "decode": _decode, "memory": _memory, "train": _train, "moe": _moe,
             "context_parallel": _context_parallel, "spiking": _spiking, "serve_throughput": _serve_throughput,
             "official_7b": _official_7b}
 
