@@ -75,10 +75,10 @@ def main(argv=None) -> int:
     stages = report["stages"]
     init = None
     if recipe.init_delta is not None:  # the stages that made the starting delta count too
-        from spikingbrain.convert.delta import load_delta_metadata
+        from spikingbrain.convert.delta import file_sha256, load_delta_metadata
 
         im = load_delta_metadata(recipe.init_delta)
-        init = {"sha256": R.file_sha256(Path(recipe.init_delta)), "command": im.get("command"),
+        init = {"sha256": file_sha256(recipe.init_delta), "command": im.get("command"),
                 "recipe": json.loads(im.get("recipe", "null")), "stages": json.loads(im.get("stages", "[]"))}
         stages = init["stages"] + stages
     tokens = {k: sum(h["tokens"] for h in stages if h["kind"] == k) for k in ("transfer", "distill")}

@@ -56,6 +56,15 @@ def shipped_delta_path() -> Path:
     return path
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file (a starting delta's identity, ``ConversionRecipe.init_delta``)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def teacher_fingerprint(teacher) -> str:
     """A short hash of the teacher's shape, embedding and first and last attention weights."""
     h = hashlib.sha256()
@@ -100,9 +109,14 @@ def _put_factor(tensors: dict, name: str, t: torch.Tensor, factors: str) -> None
         tensors[name] = t.half().contiguous()
 
 
+def _put_factors(tensors: dict, name: str, A: torch.Tensor, B: torch.Tensor, factors: str) -> None:
+    _put_factor(tensors, name + ".lora_A", A, factors)
+    _put_factor(tensors, name + ".lora_B", B, factors)
+
+
 def _put_lora(tensors: dict, name: str, mod, factors: str) -> None:
-    _put_factor(tensors, name + ".lora_A", mod.lora_A.detach().float().cpu(), factors)
-    _put_factor(tensors, name + ".lora_B", mod.lora_B.detach().float().cpu() * mod.scaling, factors)
+    _put_factors(tensors, name, mod.lora_A.detach().float().cpu(), mod.lora_B.detach().float().cpu() * mod.scaling,
+                 factors)
 
 
 def low_rank(diff: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,10 +154,6 @@ def delta_tensors(student, teacher, factors: str = "fp16", rank: int | None = No
     if (rank is not None and rank < 1) or (ffn_rank is not None and ffn_rank < 1):
         raise SpikingBrainError(f"delta ranks must be >= 1, got rank={rank}, ffn_rank={ffn_rank}")
 
-    def put_factors(name: str, A: torch.Tensor, B: torch.Tensor) -> None:
-        _put_factor(tensors, name + ".lora_A", A, factors)
-        _put_factor(tensors, name + ".lora_B", B, factors)
-
     tensors = {}
     for i in gla_layers(student):
         mixer = student.model.layers[i].self_attn
@@ -155,7 +165,7 @@ def delta_tensors(student, teacher, factors: str = "fp16", rank: int | None = No
             if exact:
                 _put_lora(tensors, name, mod, factors)
             elif rank is not None:
-                put_factors(name, *low_rank(diff, rank))
+                _put_factors(tensors, name, *low_rank(diff, rank), factors)
             else:
                 tensors[name + ".delta"] = diff.to(torch.bfloat16).contiguous()
             base = mod.base if isinstance(mod, LoRALinear) else mod
@@ -175,7 +185,7 @@ def delta_tensors(student, teacher, factors: str = "fp16", rank: int | None = No
             if ffn_rank is None:
                 raise SpikingBrainError(f"{n} differs from the teacher's but is not a low-rank update of it: "
                                         "give the FFN updates a rank (ffn_rank) to store them")
-            put_factors(n + ".weight", *low_rank(diff, ffn_rank))
+            _put_factors(tensors, n + ".weight", *low_rank(diff, ffn_rank), factors)
     return tensors
 
 

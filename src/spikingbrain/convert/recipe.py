@@ -44,7 +44,7 @@ from typing import Callable
 
 import torch
 
-from spikingbrain.convert.delta import FFN_TARGETS
+from spikingbrain.convert.delta import FFN_TARGETS, file_sha256
 from spikingbrain.errors import SpikingBrainError
 from spikingbrain.train.distill import PRECISIONS
 
@@ -334,16 +334,6 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".tmp-{path.name}")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_init_delta(workdir: Path, path: Path) -> None:
