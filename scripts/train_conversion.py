@@ -2,7 +2,7 @@
 
 Resumable: kill it at any moment and run the same command again, it continues from the last
 checkpoint in ``--workdir`` (see ``spikingbrain.convert.recipe``). At the end (or with
-``--export-only``, from the latest checkpoint) it writes the delta: low-rank fp16 factors and
+``--export-only``, from the latest checkpoint) it writes the delta: low-rank int8 factors and
 fp32 gates/norms in safetensors, with the teacher's fingerprint, the layout, the recipe, the
 stages run and this exact command in its metadata.
 
@@ -31,11 +31,12 @@ def main(argv=None) -> int:
     p.add_argument("--export-only", action="store_true", help="write the delta from the latest checkpoint, no training")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="where teacher and student run: cpu, cuda, cuda:1, ...")
-    p.add_argument("--factors", choices=["fp16", "int8"], default="fp16",
-                   help="how the delta stores low-rank factors (int8: half the size, per-row scales)")
+    p.add_argument("--factors", choices=["fp16", "int8"], default="int8",
+                   help="how the delta stores low-rank factors (int8, the default: half the size of fp16, "
+                        "per-row scales; the shipped delta's)")
     p.add_argument("--rank", type=int, default=None,
                    help="store full-rank GLA projection updates (lora_rank 0, or any run from an init_delta) "
-                        "as rank-R truncated-SVD factors")
+                        "as rank-R truncated-SVD factors (default: the recipe's export_rank)")
     p.add_argument("--ffn-rank", type=int, default=None,
                    help="the same for FFN updates (default: the recipe's ffn rank, else the init_delta's)")
     p.add_argument("--max-mb", type=float, default=10.0, help="refuse to write a larger delta")
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
     tokens = {k: sum(h["tokens"] for h in stages if h["kind"] == k) for k in ("transfer", "distill")}
     where = f"CPU {platform.machine()}, {args.threads} threads" if device.type == "cpu" else str(device)
     ffn_rank = args.ffn_rank or recipe.ffn_rank or (init_ffn_rank(recipe.init_delta) if init else None)
-    rank = args.rank or recipe.lora_rank or None
+    rank = args.rank or recipe.export_rank or recipe.lora_rank or None
     updates = (f"rank-{rank} GLA projection updates" if rank else "full-rank GLA projection updates") + (
         f", rank-{ffn_rank} FFN updates" if ffn_rank else "") + f", {args.factors} factors"
     if init:
@@ -105,7 +106,8 @@ def main(argv=None) -> int:
     size = save_delta(student, teacher, args.out, meta, factors=args.factors, rank=rank, ffn_rank=ffn_rank)
     if size > args.max_mb * 1e6:
         Path(args.out).unlink()
-        raise SpikingBrainError(f"the delta is {size / 1e6:.1f} MB, over --max-mb {args.max_mb}")
+        raise SpikingBrainError(f"the delta is {size / 1e6:.1f} MB, over --max-mb {args.max_mb}; the training is "
+                                f"kept in {wd}: rerun with --export-only and a lower --rank (or --factors int8)")
     print(f"wrote {args.out} ({size / 1e6:.2f} MB) after {time.time() - t0:.0f} s")
     return 0
 

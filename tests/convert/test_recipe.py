@@ -142,11 +142,24 @@ def test_one_window_batches_get_their_share_of_chat():
     assert R.mixed_windows(prose, None, 1, 16, 0.9, 7)[0, 0].item() == 0
 
 
-def test_the_shipped_recipe_is_the_file_in_recipes():
+def test_the_shipped_recipes_are_the_files_in_recipes():
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "recipes" / "conversion-shipped.json"
-    assert R.ConversionRecipe.from_dict(json.loads(path.read_text())) == R.SHIPPED
+    root = Path(__file__).resolve().parents[2] / "recipes"
+    for name, recipe in (("conversion-shipped.json", R.SHIPPED), ("conversion-fullrank.json", R.FULLRANK)):
+        recipe.validate()
+        assert R.ConversionRecipe.from_dict(json.loads((root / name).read_text())) == recipe, name
+
+
+def test_the_fullrank_recipe_exports_within_the_size_budget():
+    """FULLRANK trains the projections in full and stores them at ``export_rank``: int8 factors of
+    the 15 GLA layers' q/k/v/o at that rank, plus the fp32 gates and norms, must fit in 10 MB."""
+    assert R.FULLRANK.lora_rank == 0 and R.FULLRANK.ffn_rank == 0 and R.FULLRANK.export_rank
+    d, kv, layers = 576, 192, 15  # SmolLM2-135M: hidden 576, 3 KV heads x 64
+    per_rank = (d + d) * 2 + (d + kv) * 2  # q, o: [d, d]; k, v: [kv, d]; A [r, in] + B [out, r] int8
+    scales = 4 * (R.FULLRANK.export_rank * 4 + (d * 2 + kv * 2))  # row scales of A and B (fp16; counted as fp32)
+    gates = 4 * (d * 16 + 16 * kv + kv + 64)  # gk_proj pair, its bias, the output norm
+    assert layers * (R.FULLRANK.export_rank * per_rank + scales + gates) < 10e6
 
 
 def test_the_gpu_recipe_is_valid():
@@ -181,6 +194,8 @@ def test_recipe_validation_errors_are_clear():
         R.ConversionRecipe(stages=[R.Stage("distill", steps=1, lr=1e-3, batch_size=1, precision="fp8")]).validate()
     with pytest.raises(SpikingBrainError, match="transfer stage"):
         R.ConversionRecipe(stages=[R.Stage("transfer", steps=1, lr=1e-3, batch_size=1, ffn_lora_rank=4)]).validate()
+    with pytest.raises(SpikingBrainError, match="export_rank"):
+        R.ConversionRecipe(export_rank=0, stages=[R.Stage("distill", steps=1, lr=1e-3, batch_size=1)]).validate()
     with pytest.raises(SpikingBrainError, match="share one ffn_lora_rank"):
         R.ConversionRecipe(stages=[R.Stage("distill", steps=1, lr=1e-3, batch_size=1, ffn_lora_rank=r)
                                    for r in (4, 8)]).validate()
@@ -356,3 +371,12 @@ def test_the_training_script_exports_a_continued_run_at_a_rank(tmp_path, tiny, m
     assert init["sha256"] == R.file_sha256(tmp_path / "first.safetensors") and init["command"] == "first"
     assert len(json.loads(meta["stages"])) == 1 and "started from the delta" in meta["provenance"]
     assert "--rank 3" in meta["command"]
+    # without --rank the recipe's export_rank sets it; changing it is no new recipe for the work directory
+    nxt.export_rank = 2
+    (tmp_path / "next.json").write_text(json.dumps(nxt.to_dict()))
+    out2 = tmp_path / "out2.safetensors"
+    assert script.main(["--workdir", str(tmp_path / "wd"), "--recipe", str(tmp_path / "next.json"),
+                        "--factors", "int8", "--out", str(out2), "--threads", "1"]) == 0
+    stored2 = load_file(str(out2))
+    assert {t.shape[0] for n, t in stored2.items() if ".self_attn." in n and n.endswith(".lora_A")} == {2}
+    assert json.loads(load_delta_metadata(out2)["stages"]) == json.loads(meta["stages"])  # nothing retrained
