@@ -3,6 +3,7 @@ end-to-end demo runs with a tiny teacher standing in for the default one."""
 import importlib.util
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -37,6 +38,9 @@ def test_delta_round_trip(tmp_path):
     trained = convert_from_transformer(teacher, layout="7b", sliding_window=16)
     _perturb(trained)
     save_delta(trained, teacher, tmp_path / "d.safetensors", {"provenance": "test", "command": "pytest"})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "d.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not safetensors' 0600
     fresh = convert_from_transformer(teacher, layout="7b", sliding_window=16)
     got = apply_delta(fresh, teacher, tmp_path / "d.safetensors")
     assert got["provenance"] == "test" and got["command"] == "pytest"

@@ -204,6 +204,9 @@ def save_delta(student, teacher, path: str | os.PathLike, metadata: dict, factor
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(delta_tensors(student, teacher, factors, rank, ffn_rank), str(tmp), metadata=meta)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files 0600; a delta is meant to be shared
     os.replace(tmp, path)
     return path.stat().st_size
 
