@@ -149,11 +149,12 @@ class ConversionRecipe:
 
 
 # The shipped delta's recipe (= recipes/conversion-shipped.json): rank-64 LoRA updates, 405 minutes
-# on 2 cores (scripts/train_conversion.py). Stages 3-4 were appended to
-# a finished run of stages 0-2, then stage 5, then stages 6-7 (with 550 chat examples: the first 64
-# plus 486 made later by the same script), then stages 8-9 (bf16 forwards; rank-16 FFN updates in
-# every layer, stored as int8 factors), then stages 10-11 (with retrieval windows,
-# retrieval_data.py), then stage 12 (chat-heavy: 60% chat windows, lower LR).
+# on 2 cores (scripts/train_conversion.py). Each stage ends at its step count or its time budget,
+# whichever comes first. Stages 3-4 were appended to a finished run of stages 0-2, then stage 5, then
+# stages 6-7 (with 550 chat examples: the first 64 plus 486 made later by the same script), then
+# stages 8-9 (bf16 forwards; rank-16 FFN updates in every layer, stored as int8 factors), then
+# stages 10-11 (with retrieval windows, retrieval_data.py), then stage 12 (chat-heavy: 60% chat
+# windows, lower LR).
 SHIPPED = ConversionRecipe(cache_sequences=128, cache_seq_len=512, chat_examples=64, stages=[
     Stage("transfer", steps=4000, lr=1e-3, batch_size=4, minutes=13),
     Stage("distill", steps=2000, lr=2e-4, batch_size=2, seq_len=512, chat_fraction=0.5, minutes=6),
@@ -196,7 +197,7 @@ FULLRANK = ConversionRecipe(lora_rank=0, export_rank=150, cache_sequences=128, c
 ])
 
 
-# `spikingbrain demo --from-scratch`: the shipped method on a ~10-minute budget (2 CPU cores).
+# `spikingbrain demo --from-scratch`: FULLRANK's method on a ~10-minute budget (2 CPU cores).
 # Full-rank updates: on this budget they beat rank-64 ones; bf16 forwards (and bf16 operands in the
 # chunked GLA's matmuls) fit more tokens and beat fp32; the transfer's LR is twice SHIPPED's
 # (BENCHMARKS.md, conversion ablation). The demo ships no delta, so it keeps its updates in full.
