@@ -56,6 +56,40 @@ def test_a_window_hides_facts_and_marks_exactly_the_keys(tok_prose, T, seed):
     assert "pass key" not in text.lower()  # the passkey benchmark stays held out
 
 
+def test_bare_questions_are_asked_without_labels_and_mark_the_keys(tok_prose):
+    tok, prose = tok_prose
+    bare = labelled = 0
+    for seed in range(8):
+        ids, answer = retrieval_window(tok, prose, 512, seed, plain=1.0)
+        text = tok.decode(ids.tolist())
+        assert "Question:" not in text and "Answer:" not in text
+        keys = [tok.decode(run).strip() for run in _answer_runs(ids, answer)]
+        assert 2 <= len(keys) <= 4
+        tail = text[-sum(len(k) + 80 for k in keys) * 2:]
+        for key in keys:  # each asked as "<question>? <lead-in> <key>." after the facts
+            assert re.search(rf"\? [^?\n]*\b{key}\.", tail), (key, tail)
+        mixed, mixed_answer = retrieval_window(tok, prose, 512, seed, plain=0.5)
+        n_labelled = tok.decode(mixed.tolist()).count("Question:")
+        labelled += n_labelled
+        bare += len(_answer_runs(mixed, mixed_answer)) - n_labelled
+    assert bare > 5 and labelled > 5, (bare, labelled)  # plain 0.5: about half of them bare
+    with pytest.raises(SpikingBrainError, match="plain"):
+        retrieval_window(tok, prose, 512, 0, plain=1.5)
+
+
+def test_labelled_windows_are_those_the_shipped_delta_was_trained_on(tok_prose):
+    """``plain=0`` (every recipe without ``retrieval_plain``) must keep making the very windows the
+    shipped delta's recipe trained on, or rerunning that recipe would train on other data."""
+    import hashlib
+
+    tok, prose = tok_prose
+    got = []
+    for seed in (0, 1, 2):
+        a, b = retrieval_window(tok, prose, 512, seed)
+        got.append(hashlib.sha256(a.numpy().tobytes() + b.numpy().tobytes()).hexdigest()[:16])
+    assert got == ["5a6ba7633e7bbd7a", "37383e943f7dc8a8", "2e4509b40ab4a08b"]
+
+
 def test_windows_are_a_function_of_the_seed(tok_prose):
     tok, prose = tok_prose
     a, b, c = (retrieval_window(tok, prose, 512, s) for s in (5, 5, 6))
@@ -86,6 +120,8 @@ def test_batches_mix_retrieval_windows_in_at_their_share(tok_prose):
     assert answer[:3].sum() == 0 and answer[3].sum() > 0
     again = R.retrieval_batch(tok, prose, chat, 4, 256, 0.5, 0.25, 9)
     assert torch.equal(ids, again[0]) and torch.equal(answer, again[1])
+    bare, _ = R.retrieval_batch(tok, prose, chat, 4, 256, 0.5, 0.25, 9, plain=1.0)  # passed on to the windows
+    assert "Question:" in tok.decode(ids[3].tolist()) and "Question:" not in tok.decode(bare[3].tolist())
 
 
 def test_a_recipe_stage_trains_on_retrieval_windows(tmp_path, tok_prose, monkeypatch):
@@ -118,5 +154,10 @@ def test_a_recipe_stage_trains_on_retrieval_windows(tmp_path, tok_prose, monkeyp
     with pytest.raises(SpikingBrainError, match="retrieval_fraction"):
         R.ConversionRecipe(stages=[R.Stage("distill", steps=1, lr=1e-3, batch_size=1, chat_fraction=0.8,
                                            retrieval_fraction=0.3)]).validate()
+    with pytest.raises(SpikingBrainError, match="retrieval_plain"):
+        R.ConversionRecipe(stages=[R.Stage("distill", steps=1, lr=1e-3, batch_size=1, retrieval_plain=0.5)]).validate()
+    with pytest.raises(SpikingBrainError, match="retrieval_plain"):
+        R.ConversionRecipe(stages=[R.Stage("distill", steps=1, lr=1e-3, batch_size=1, retrieval_fraction=0.3,
+                                           retrieval_plain=-1)]).validate()
     with pytest.raises(SpikingBrainError, match="distill stages"):
         R.ConversionRecipe(stages=[R.Stage("transfer", steps=1, lr=1e-3, batch_size=1, retrieval_fraction=0.3)]).validate()

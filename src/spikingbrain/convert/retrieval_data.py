@@ -11,6 +11,9 @@ a retrieval window does, several times:
     Answer: The code of the green locker is 4817.
     Question: ...
 
+(or, for a share of the questions, bare: "...prose...\n\nWhat is Kate's ticket number? Kate's
+ticket number is 92.")
+
 Everything is generated from the shipped prose with a seeded RNG (no teacher call, nothing to
 ship); the templates, subjects and key shapes are deliberately not the passkey benchmark's
 (``evaluation/passkey.py``), so the benchmark stays a held-out test.
@@ -85,11 +88,19 @@ def _facts(rng: random.Random, n: int) -> list[tuple[str, str, str, str]]:
     return out
 
 
-def retrieval_window(tokenizer, prose: torch.Tensor, T: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def retrieval_window(tokenizer, prose: torch.Tensor, T: int, seed: int,
+                     plain: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One window of ``T`` tokens: prose from a random offset of ``prose`` (token ids) with 2-4
     facts inserted in its first 80%, then a question/answer section asking every fact in a
     shuffled order. Returns ``(ids [T], answer [T])``; ``answer[t] = 1`` where the logits of row
-    ``t`` predict a token of a key. A function of ``seed`` alone."""
+    ``t`` predict a token of a key. A function of ``seed`` and ``plain`` alone.
+
+    ``plain``: the probability that a question is asked bare, ``"<question> <lead-in> <key>."``,
+    instead of after ``Question:`` / ``Answer:`` labels. Students trained on labelled questions
+    only learnt to answer after ``Answer:`` and not a bare question (passkey, BENCHMARKS.md).
+    ``plain=0`` draws nothing extra from the RNG: the windows are those made before it existed."""
+    if not 0.0 <= plain <= 1.0:
+        raise SpikingBrainError(f"retrieval windows: plain must be in [0, 1], got {plain}")
     rng = random.Random(seed)
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     facts = _facts(rng, rng.randint(2, 4))
@@ -98,7 +109,9 @@ def retrieval_window(tokenizer, prose: torch.Tensor, T: int, seed: int) -> tuple
     rng.shuffle(order)
     for i in order:
         _, question, lead, key = facts[i]
-        head, key_ids, tail = enc(f"\n\nQuestion: {question}\nAnswer: {lead}"), enc(f" {key}"), enc(".")
+        bare = plain > 0 and rng.random() < plain
+        head = enc(f"\n\n{question} {lead}" if bare else f"\n\nQuestion: {question}\nAnswer: {lead}")
+        key_ids, tail = enc(f" {key}"), enc(".")
         qa += head + key_ids + tail
         qa_answer += [0] * len(head) + [1] * len(key_ids) + [0] * len(tail)
     fact_ids = [enc(f" {f[0]} ") for f in facts]
