@@ -181,9 +181,9 @@ SHIPPED = ConversionRecipe(cache_sequences=128, cache_seq_len=512, chat_examples
 ])
 
 # The shipped delta's successor (= recipes/conversion-fullrank.json; scripts/train_conversion.py): the
-# demo's from-scratch method (DEMO) given 125 minutes on 2 cores. Full-rank projection updates,
-# transfer LR 2e-3, bf16 forwards and GLA matmuls; exported as rank-150 truncated-SVD factors (int8:
-# < 10 MB). It beats SHIPPED's 405 minutes on top-1 / KL / perplexity / chat fidelity, not yet on
+# demo's from-scratch method (DEMO) given 125 minutes on 2 cores (stages 0-4; 5-7 appended, 240 in
+# all). Full-rank projection updates, transfer LR 2e-3, bf16 forwards and GLA matmuls; exported as
+# rank-150 truncated-SVD factors (int8: < 10 MB). It beats SHIPPED's 405 minutes on top-1 / KL / perplexity / chat fidelity, not yet on
 # passkey (2/0/0 < the teacher's 4/1/0 after stages 5-6, 3/0/0 after 7; BENCHMARKS.md, conversion
 # ablation), so it is not shipped yet: until stage 7 no retrieval question was asked bare.
 # Each stage ends at its time budget (the step counts are out of reach), which also sets its LR schedule.
