@@ -146,20 +146,23 @@ def test_the_shipped_recipes_are_the_files_in_recipes():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2] / "recipes"
-    for name, recipe in (("conversion-shipped.json", R.SHIPPED), ("conversion-fullrank.json", R.FULLRANK)):
+    for name, recipe in (("conversion-shipped.json", R.SHIPPED), ("conversion-fullrank.json", R.FULLRANK),
+                         ("conversion-fullrank-bare.json", R.FULLRANK_BARE)):
         recipe.validate()
         assert R.ConversionRecipe.from_dict(json.loads((root / name).read_text())) == recipe, name
 
 
-def test_the_fullrank_recipe_exports_within_the_size_budget():
-    """FULLRANK trains the projections in full and stores them at ``export_rank``: int8 factors of
-    the 15 GLA layers' q/k/v/o at that rank, plus the fp32 gates and norms, must fit in 10 MB."""
-    assert R.FULLRANK.lora_rank == 0 and R.FULLRANK.ffn_rank == 0 and R.FULLRANK.export_rank
+@pytest.mark.parametrize("name", ["FULLRANK", "FULLRANK_BARE"])
+def test_the_fullrank_recipes_export_within_the_size_budget(name):
+    """A full-rank recipe trains the projections in full and stores them at ``export_rank``: int8
+    factors of the 15 GLA layers' q/k/v/o at that rank, plus the fp32 gates and norms, must fit in 10 MB."""
+    r = getattr(R, name)
+    assert r.lora_rank == 0 and r.ffn_rank == 0 and r.export_rank
     d, kv, layers = 576, 192, 15  # SmolLM2-135M: hidden 576, 3 KV heads x 64
     per_rank = (d + d) * 2 + (d + kv) * 2  # q, o: [d, d]; k, v: [kv, d]; A [r, in] + B [out, r] int8
-    scales = 4 * (R.FULLRANK.export_rank * 4 + (d * 2 + kv * 2))  # row scales of A and B (fp16; counted as fp32)
+    scales = 4 * (r.export_rank * 4 + (d * 2 + kv * 2))  # row scales of A and B (fp16; counted as fp32)
     gates = 4 * (d * 16 + 16 * kv + kv + 64)  # gk_proj pair, its bias, the output norm
-    assert layers * (R.FULLRANK.export_rank * per_rank + scales + gates) < 10e6
+    assert layers * (r.export_rank * per_rank + scales + gates) < 10e6
 
 
 def test_the_gpu_recipe_is_valid():
