@@ -233,6 +233,7 @@ FULLRANK_BARE = ConversionRecipe(lora_rank=0, export_rank=150, cache_sequences=1
           precision="bf16-gla"),
 ])
 
+
 # `spikingbrain demo --from-scratch`: FULLRANK's method on a ~10-minute budget (2 CPU cores).
 # Full-rank updates: on this budget they beat rank-64 ones; bf16 forwards (and bf16 operands in the
 # chunked GLA's matmuls) fit more tokens and beat fp32; the transfer's LR is twice SHIPPED's
