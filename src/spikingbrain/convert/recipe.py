@@ -217,9 +217,8 @@ FULLRANK = ConversionRecipe(lora_rank=0, export_rank=150, cache_sequences=128, c
 # the teacher's, and only bare questions moved it. Measured: 0.755 / 0.179, chat 0.831, passkey 2/0/0
 # (BENCHMARKS.md, conversion ablation): bare questions from the start did not bring passkey either,
 # so it is not shipped.
-FULLRANK_BARE = ConversionRecipe(lora_rank=0, export_rank=150, cache_sequences=128, cache_seq_len=512,
-                                 chat_examples=64, stages=[
-    Stage("transfer", steps=100000, lr=2e-3, batch_size=4, minutes=20, precision="bf16-gla"),
+FULLRANK_BARE = dataclasses.replace(FULLRANK, stages=[
+    dataclasses.replace(FULLRANK.stages[0]),  # the same transfer (a copy: stages are mutable)
     Stage("distill", steps=100000, lr=2e-4, batch_size=2, seq_len=512, chat_fraction=0.5, minutes=12,
           precision="bf16-gla"),
     Stage("distill", steps=100000, lr=2e-4, batch_size=1, seq_len=1024, chat_fraction=0.4, minutes=45,
