@@ -147,22 +147,25 @@ def test_the_shipped_recipes_are_the_files_in_recipes():
 
     root = Path(__file__).resolve().parents[2] / "recipes"
     for name, recipe in (("conversion-shipped.json", R.SHIPPED), ("conversion-fullrank.json", R.FULLRANK),
-                         ("conversion-fullrank-bare.json", R.FULLRANK_BARE)):
+                         ("conversion-fullrank-bare.json", R.FULLRANK_BARE),
+                         ("conversion-fullrank-ffn.json", R.FULLRANK_FFN)):
         recipe.validate()
         assert R.ConversionRecipe.from_dict(json.loads((root / name).read_text())) == recipe, name
 
 
-@pytest.mark.parametrize("name", ["FULLRANK", "FULLRANK_BARE"])
+@pytest.mark.parametrize("name", ["FULLRANK", "FULLRANK_BARE", "FULLRANK_FFN"])
 def test_the_fullrank_recipes_export_within_the_size_budget(name):
     """A full-rank recipe trains the projections in full and stores them at ``export_rank``: int8
-    factors of the 15 GLA layers' q/k/v/o at that rank, plus the fp32 gates and norms, must fit in 10 MB."""
+    factors of the 15 GLA layers' q/k/v/o at that rank, plus the fp32 gates and norms, plus the
+    rank-``ffn_rank`` int8 factors of all 30 layers' FFNs, must fit in 10 MB with room for the header."""
     r = getattr(R, name)
-    assert r.lora_rank == 0 and r.ffn_rank == 0 and r.export_rank
-    d, kv, layers = 576, 192, 15  # SmolLM2-135M: hidden 576, 3 KV heads x 64
+    assert r.lora_rank == 0 and r.export_rank
+    d, kv, ff, layers = 576, 192, 1536, 15  # SmolLM2-135M: hidden 576, 3 KV heads x 64, FFN 1536
     per_rank = (d + d) * 2 + (d + kv) * 2  # q, o: [d, d]; k, v: [kv, d]; A [r, in] + B [out, r] int8
-    scales = 4 * (r.export_rank * 4 + (d * 2 + kv * 2))  # row scales of A and B (fp16; counted as fp32)
+    scales = 2 * (r.export_rank * 4 + (d * 2 + kv * 2))  # fp16 row scales of A and B
     gates = 4 * (d * 16 + 16 * kv + kv + 64)  # gk_proj pair, its bias, the output norm
-    assert layers * (r.export_rank * per_rank + scales + gates) < 10e6
+    ffn = 2 * layers * (3 * r.ffn_rank * (d + ff) + 2 * (3 * r.ffn_rank + 2 * ff + d)) if r.ffn_rank else 0
+    assert layers * (r.export_rank * per_rank + scales + gates) + ffn < 10e6 - 200e3  # 200 kB: names, metadata
 
 
 def test_the_gpu_recipe_is_valid():

@@ -7,6 +7,7 @@ from spikingbrain.errors import SpikingBrainError
 from spikingbrain.evaluation.passkey import (
     INTRO,
     greedy_continuation,
+    key_score,
     make_passkey_prompt,
     passkey,
     passkey_sweep,
@@ -116,3 +117,46 @@ def test_sweep_and_table(tokenizer):
     assert table[0] == "| length | 0% | 100% | mean |"
     assert table[2] == "| 200 | 0.5000 | 0.0000 | 0.2500 |"
     assert table[3] == "| 250 | 0.0000 | 0.0000 | 0.0000 |"
+
+
+class OracleModel(torch.nn.Module):
+    """Logits ``bias`` everywhere, plus ``lift`` on the token that really comes next (it reads
+    ahead in its input): a teacher-forced scorer aligned one position off sees no lift."""
+
+    def __init__(self, vocab: int, lift: float, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.vocab, self.lift = vocab, lift
+        self.bias = torch.zeros(vocab) if bias is None else bias
+        self.seen = []
+
+    def get_input_embeddings(self):
+        return torch.nn.Embedding(self.vocab, 1)
+
+    def forward(self, input_ids):
+        self.seen.append(input_ids)
+        logits = self.bias.expand(*input_ids.shape, self.vocab).clone()
+        nxt = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1)
+        logits.scatter_add_(2, nxt[..., None], torch.full((*nxt.shape, 1), self.lift))
+        return type("Out", (), {"logits": logits})()
+
+
+def test_key_score_reads_the_keys_tokens_teacher_forced(tokenizer):
+    import math
+
+    p = make_passkey_prompt(tokenizer, 300, 0.5, seed=4)
+    V = len(tokenizer)
+    flat = key_score(OracleModel(V, 0.0), tokenizer, p)  # uniform: log(1/V) per key token
+    n = len(flat["ranks"])
+    full = tokenizer(p.text + " " + p.answer)["input_ids"]
+    assert tokenizer.decode(full[-n:]).strip() == p.answer
+    assert flat["logprob"] == pytest.approx(-n * math.log(V), rel=1e-5) and flat["ranks"] == [0] * n
+    oracle = OracleModel(V, 20.0)
+    sharp = key_score(oracle, tokenizer, p)  # the true next token lifted: only an aligned scorer sees it
+    assert sharp["logprob"] == pytest.approx(-n * math.log(1 + (V - 1) * math.exp(-20.0)), abs=1e-4)
+    assert sharp["ranks"] == [0] * n and sharp["top"] == tokenizer.decode([full[-n]])
+    assert oracle.seen[0].tolist() == [full]
+    bias = torch.zeros(V)
+    bias[tokenizer.eos_token_id] = 5.0  # another token preferred: every key token ranks behind it
+    wrong = key_score(OracleModel(V, 0.0, bias), tokenizer, p)
+    assert wrong["ranks"] == [1] * n and wrong["top"] == tokenizer.eos_token

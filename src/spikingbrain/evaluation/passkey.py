@@ -192,6 +192,30 @@ def greedy_continuation(model, tokenizer, input_ids: list[int], max_new_tokens: 
     return tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
 
 
+def key_score(model, tokenizer, prompt: PasskeyPrompt) -> dict:
+    """Teacher-forced score of the asked key after ``prompt``: one forward over ``prompt + " " +
+    key``. Finer than the exact-match trial: how far a model that fails is from answering.
+
+    Returns ``{"logprob": summed log-probability of the key's tokens (nats), "ranks": each key
+    token's rank among the logits at its position (0: the greedy choice; all 0: recalled), "top":
+    the greedy token at the first answer position, decoded}``."""
+    full = prompt.text + " " + prompt.answer
+    enc = tokenizer(full, return_offsets_mapping=True) if getattr(tokenizer, "is_fast", False) else None
+    if enc is not None:
+        ids = enc["input_ids"]
+        start = next(i for i, (s, e) in enumerate(enc["offset_mapping"]) if e > len(prompt.text))
+    else:  # slow tokenizers: the prompt's tokens, then the answer's
+        ids = list(prompt.input_ids) + _tokens(tokenizer, " " + prompt.answer)
+        start = len(prompt.input_ids)
+    x = torch.tensor([ids], dtype=torch.long)
+    check_ids(model, x)
+    with evaluating(model):
+        logits = model(input_ids=x.to(model_device(model))).logits[0, start - 1:-1].float().cpu()
+    logp = torch.log_softmax(logits, -1)
+    picked = logp.gather(1, x[0, start:, None])
+    return {"logprob": float(picked.sum()), "ranks": (logp > picked).sum(1).tolist(),
+            "top": tokenizer.decode([int(logp[0].argmax())])}
+
 def run_passkey(model, tokenizer, length: int, depth: float, seed: int = 0, filler_texts=None,
                 num_keys: int = 1, max_new_tokens: int = 8, prefill_chunk: int | None = 4096) -> dict:
     """One trial: ``{"length", "depth", "seed", "num_keys", "tokens", "answer", "output", "correct"}``."""
