@@ -1,3 +1,4 @@
+import math
 import re
 
 import pytest
@@ -142,8 +143,6 @@ class OracleModel(torch.nn.Module):
 
 
 def test_key_score_reads_the_keys_tokens_teacher_forced(tokenizer):
-    import math
-
     p = make_passkey_prompt(tokenizer, 300, 0.5, seed=4)
     V = len(tokenizer)
     flat = key_score(OracleModel(V, 0.0), tokenizer, p)  # uniform: log(1/V) per key token

@@ -252,6 +252,7 @@ FULLRANK_FFN = dataclasses.replace(FULLRANK_BARE, export_rank=120, stages=[
           precision="bf16-gla", ffn_lora_rank=8),
 ])
 
+
 # `spikingbrain demo --from-scratch`: FULLRANK's method on a ~10-minute budget (2 CPU cores).
 # Full-rank updates: on this budget they beat rank-64 ones; bf16 forwards (and bf16 operands in the
 # chunked GLA's matmuls) fit more tokens and beat fp32; the transfer's LR is twice SHIPPED's

@@ -216,6 +216,7 @@ def key_score(model, tokenizer, prompt: PasskeyPrompt) -> dict:
     return {"logprob": float(picked.sum()), "ranks": (logp > picked).sum(1).tolist(),
             "top": tokenizer.decode([int(logp[0].argmax())])}
 
+
 def run_passkey(model, tokenizer, length: int, depth: float, seed: int = 0, filler_texts=None,
                 num_keys: int = 1, max_new_tokens: int = 8, prefill_chunk: int | None = 4096) -> dict:
     """One trial: ``{"length", "depth", "seed", "num_keys", "tokens", "answer", "output", "correct"}``."""
