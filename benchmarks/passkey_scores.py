@@ -6,7 +6,10 @@ depths and seeds as ``conversion_quality.py``) teacher-forced (``evaluation.pass
 the key's summed log-probability and each of its tokens' rank at its position (all 0: the key is
 recalled teacher-forced), for the teacher and for each delta given, side by side.
 
-    python3 benchmarks/passkey_scores.py [--delta FILE ...] [--lengths 1024,2048,4096]
+``--restore`` also scores the first delta with each GLA layer in turn given back the teacher's
+softmax attention (``conversion_layers.restored``): where a key token the student misses is lost.
+
+    python3 benchmarks/passkey_scores.py [--delta FILE ...] [--lengths 1024,2048,4096] [--restore [LAYERS]]
         [--out benchmarks/results/extra/passkey_scores.json]
 """
 from __future__ import annotations
@@ -23,13 +26,16 @@ import torch
 
 def summary(rows: list[dict]) -> dict:
     """Per length: the mean key log-probability, in how many trials every key token is the greedy
-    choice (``recalled``), and the share of key tokens that are (``token_top1``)."""
+    choice (``recalled``), the share of key tokens that are (``token_top1``), and per key position
+    (the answer's first token, then the digits) in how many trials it is (``position_top1``)."""
     out = {}
     for n in sorted({r["length"] for r in rows}):
         rs = [r for r in rows if r["length"] == n]
         out[str(n)] = {"logprob": round(statistics.fmean(r["logprob"] for r in rs), 3),
                        "recalled": sum(not any(r["ranks"]) for r in rs),
                        "token_top1": round(statistics.fmean(k == 0 for r in rs for k in r["ranks"]), 3),
+                       "position_top1": [sum(r["ranks"][i] == 0 for r in rs if i < len(r["ranks"]))
+                                         for i in range(max(len(r["ranks"]) for r in rs))],
                        "trials": len(rs)}
     return out
 
@@ -41,12 +47,15 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", default="1024,2048,4096")
     p.add_argument("--depths", default="0.1,0.5,0.9")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--restore", nargs="?", const="all", default=None, metavar="LAYERS",
+                   help="also score the first delta with each GLA layer (or each of LAYERS, e.g. 20,22) "
+                        "restored to softmax attention")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results/extra/passkey_scores.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from spikingbrain.convert.delta import apply_delta, shipped_delta_path
+    from spikingbrain.convert.delta import apply_delta, gla_layers, shipped_delta_path
     from spikingbrain.convert.mapping import convert_from_transformer
     from spikingbrain.convert.teacher import load_teacher
     from spikingbrain.evaluation.bench import run_info
@@ -71,6 +80,14 @@ def main(argv=None) -> int:
         apply_delta(student, teacher, path)
         models[path] = score(student.eval())
         print(f"{path}:", json.dumps(summary(models[path])), flush=True)
+        if args.restore and path == (args.delta or [path])[0]:
+            from conversion_layers import restored  # the sibling benchmark (this script's directory)
+
+            layers = gla_layers(student) if args.restore == "all" else [int(i) for i in args.restore.split(",")]
+            for i in layers:
+                name = f"{path} layer {i} restored"
+                models[name] = score(restored(student, teacher, tok, i))
+                print(f"{name}:", json.dumps(summary(models[name])), flush=True)
         del student
     res = {**info, "seconds": round(time.time() - t0, 1),
            "summary": {k: summary(v) for k, v in models.items()}, "rows": models}

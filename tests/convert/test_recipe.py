@@ -148,12 +148,13 @@ def test_the_shipped_recipes_are_the_files_in_recipes():
     root = Path(__file__).resolve().parents[2] / "recipes"
     for name, recipe in (("conversion-shipped.json", R.SHIPPED), ("conversion-fullrank.json", R.FULLRANK),
                          ("conversion-fullrank-bare.json", R.FULLRANK_BARE),
-                         ("conversion-fullrank-ffn.json", R.FULLRANK_FFN)):
+                         ("conversion-fullrank-ffn.json", R.FULLRANK_FFN),
+                         ("conversion-fullrank-numbers.json", R.FULLRANK_NUMBERS)):
         recipe.validate()
         assert R.ConversionRecipe.from_dict(json.loads((root / name).read_text())) == recipe, name
 
 
-@pytest.mark.parametrize("name", ["FULLRANK", "FULLRANK_BARE", "FULLRANK_FFN"])
+@pytest.mark.parametrize("name", ["FULLRANK", "FULLRANK_BARE", "FULLRANK_FFN", "FULLRANK_NUMBERS"])
 def test_the_fullrank_recipes_export_within_the_size_budget(name):
     """A full-rank recipe trains the projections in full and stores them at ``export_rank``: int8
     factors of the 15 GLA layers' q/k/v/o at that rank, plus the fp32 gates and norms, plus the

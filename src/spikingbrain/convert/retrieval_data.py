@@ -12,7 +12,8 @@ a retrieval window does, several times:
     Question: ...
 
 (or, for a share of the questions, bare: "...prose...\n\nWhat is Kate's ticket number? Kate's
-ticket number is 92.")
+ticket number is 92."; and, for a share of the facts, a number named by a bare noun: "The lucky
+number is 58213." ... "What is the lucky number? The lucky number is 58213.")
 
 Everything is generated from the shipped prose with a seeded RNG (no teacher call, nothing to
 ship); the templates, subjects and key shapes are deliberately not the passkey benchmark's
@@ -54,6 +55,16 @@ WORD_TEMPLATES = [
     ("The secret word for the {c} {t} is {k}.", "What is the secret word for the {c} {t}?",
      "The secret word for the {c} {t} is"),
 ]
+# numbers named by a bare noun, always asked bare: the shape of a passkey question ("What is the
+# X? The X is") that the templates above lack (students trained on them answered their own questions
+# and still went on with prose after "The pass key is"); "pass key" itself stays out
+NUMBERS = ["lucky number", "door code", "secret number", "access code", "magic number", "winning number",
+           "serial number", "security code", "entry code", "reference number", "order number", "key code"]
+NUMBER_TEMPLATES = [
+    ("The {n} is {k}.", "What is the {n}?", "The {n} is"),
+    ("Keep this in mind: the {n} is {k}.", "What is the {n}?", "The {n} is"),
+    ("The {n} is {k}. Write it down.", "Do you know the {n}?", "The {n} is"),
+]
 
 
 def _key(rng: random.Random, word: bool) -> str:
@@ -62,12 +73,19 @@ def _key(rng: random.Random, word: bool) -> str:
     return str(rng.randrange(10 ** (n := rng.randint(2, 6)) // 10, 10 ** n))
 
 
-def _facts(rng: random.Random, n: int) -> list[tuple[str, str, str, str]]:
-    """``n`` facts with distinct subjects and keys: ``(fact, question, lead-in, key)``."""
+def _facts(rng: random.Random, n: int, numbers: float = 0.0) -> list[tuple[str, str, str, str, bool]]:
+    """``n`` facts with distinct subjects and keys: ``(fact, question, lead-in, key, named
+    number)``; a ``numbers`` share of them named numbers (``NUMBER_TEMPLATES``; ``numbers=0``
+    draws nothing extra from ``rng``)."""
     out, subjects, keys = [], set(), set()
     while len(out) < n:
+        named = numbers > 0 and rng.random() < numbers
         kind = rng.random()
-        if kind < 0.45:
+        if named:
+            fact, q, lead = rng.choice(NUMBER_TEMPLATES)
+            fill = {"n": rng.choice(NUMBERS)}
+            subject, word = ("n", fill["n"]), False
+        elif kind < 0.45:
             fact, q, lead = rng.choice(OBJECT_TEMPLATES)
             fill = {"c": rng.choice(COLORS), "t": rng.choice(THINGS)}
             subject, word = ("o", fill["c"], fill["t"]), False
@@ -79,17 +97,17 @@ def _facts(rng: random.Random, n: int) -> list[tuple[str, str, str, str]]:
             fact, q, lead = rng.choice(WORD_TEMPLATES)
             fill = {"c": rng.choice(COLORS), "t": rng.choice(THINGS)}
             subject, word = ("o", fill["c"], fill["t"]), True
-        key = _key(rng, word)
+        key = str(rng.randrange(1000, 10 ** 6)) if named else _key(rng, word)
         if subject in subjects or key in keys:
             continue
         subjects.add(subject)
         keys.add(key)
-        out.append((fact.format(k=key, **fill), q.format(**fill), lead.format(**fill), key))
+        out.append((fact.format(k=key, **fill), q.format(**fill), lead.format(**fill), key, named))
     return out
 
 
 def retrieval_window(tokenizer, prose: torch.Tensor, T: int, seed: int,
-                     plain: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                     plain: float = 0.0, numbers: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One window of ``T`` tokens: prose from a random offset of ``prose`` (token ids) with 2-4
     facts inserted in its first 80%, then a question/answer section asking every fact in a
     shuffled order. Returns ``(ids [T], answer [T])``; ``answer[t] = 1`` where the logits of row
@@ -98,18 +116,21 @@ def retrieval_window(tokenizer, prose: torch.Tensor, T: int, seed: int,
     ``plain``: the probability that a question is asked bare, ``"<question> <lead-in> <key>."``,
     instead of after ``Question:`` / ``Answer:`` labels. Students trained on labelled questions
     only learnt to answer after ``Answer:`` and not a bare question (passkey, BENCHMARKS.md).
-    ``plain=0`` draws nothing extra from the RNG: the windows are those made before it existed."""
-    if not 0.0 <= plain <= 1.0:
-        raise SpikingBrainError(f"retrieval windows: plain must be in [0, 1], got {plain}")
+    ``plain=0`` draws nothing extra from the RNG: the windows are those made before it existed.
+
+    ``numbers``: the probability that a fact is a named number (``NUMBER_TEMPLATES``: "The lucky
+    number is 58213."), always asked bare; ``numbers=0`` keeps the windows made before it existed."""
+    if not 0.0 <= plain <= 1.0 or not 0.0 <= numbers <= 1.0:
+        raise SpikingBrainError(f"retrieval windows: plain and numbers must be in [0, 1], got {plain}, {numbers}")
     rng = random.Random(seed)
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    facts = _facts(rng, rng.randint(2, 4))
+    facts = _facts(rng, rng.randint(2, 4), numbers)
     qa, qa_answer = [], []
     order = list(range(len(facts)))
     rng.shuffle(order)
     for i in order:
-        _, question, lead, key = facts[i]
-        bare = plain > 0 and rng.random() < plain
+        _, question, lead, key, named = facts[i]
+        bare = named or (plain > 0 and rng.random() < plain)
         head = enc(f"\n\n{question} {lead}" if bare else f"\n\nQuestion: {question}\nAnswer: {lead}")
         key_ids, tail = enc(f" {key}"), enc(".")
         qa += head + key_ids + tail
