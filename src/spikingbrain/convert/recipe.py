@@ -277,6 +277,7 @@ FULLRANK_NUMBERS = dataclasses.replace(FULLRANK_FFN, stages=[
           retrieval_numbers=0.5, precision="bf16-gla", ffn_lora_rank=8),
 ])
 
+
 # `spikingbrain demo --from-scratch`: FULLRANK's method on a ~10-minute budget (2 CPU cores).
 # Full-rank updates: on this budget they beat rank-64 ones; bf16 forwards (and bf16 operands in the
 # chunked GLA's matmuls) fit more tokens and beat fp32; the transfer's LR is twice SHIPPED's
@@ -317,8 +318,9 @@ def retrieval_batch(tokenizer, prose: torch.Tensor, chat: torch.Tensor | None, n
                     chat_fraction: float, retrieval_fraction: float, seed: int,
                     plain: float = 0.0, numbers: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` windows as ``mixed_windows`` makes them, except that a ``retrieval_fraction`` of them
-    are retrieval windows (``retrieval_data.retrieval_window`` with ``plain`` and ``numbers``); returns ``(ids [n, T], answer
-    rows [n, T])``. One-window batches draw their kind with those probabilities."""
+    are retrieval windows (``retrieval_data.retrieval_window`` with ``plain`` and ``numbers``);
+    returns ``(ids [n, T], answer rows [n, T])``. One-window batches draw their kind with those
+    probabilities."""
     from spikingbrain.convert.retrieval_data import retrieval_window
 
     rng = random.Random(seed)
