@@ -75,12 +75,12 @@ def main(argv=None) -> int:
 
     models = {"teacher": score(teacher)}
     print("teacher:", json.dumps(summary(models["teacher"])), flush=True)
-    for path in args.delta or [str(shipped_delta_path())]:
+    for k, path in enumerate(args.delta or [str(shipped_delta_path())]):
         student = convert_from_transformer(teacher, layout="7b", sliding_window=args.sliding_window, tokenizer=tok)
         apply_delta(student, teacher, path)
         models[path] = score(student.eval())
         print(f"{path}:", json.dumps(summary(models[path])), flush=True)
-        if args.restore and path == (args.delta or [path])[0]:
+        if args.restore and k == 0:
             from conversion_layers import restored  # the sibling benchmark (this script's directory)
 
             layers = gla_layers(student) if args.restore == "all" else [int(i) for i in args.restore.split(",")]

@@ -39,6 +39,11 @@ def _answer_runs(ids, answer):
     return [[int(ids[r + 1]) for r in run] for run in runs]
 
 
+def _keys(tok, ids, answer) -> list[str]:
+    """The keys the answer rows mark, decoded, in the order they are asked."""
+    return [tok.decode(run).strip() for run in _answer_runs(ids, answer)]
+
+
 @pytest.mark.parametrize("T,seed", [(256, 0), (512, 1), (1024, 2), (1024, 3)])
 def test_a_window_hides_facts_and_marks_exactly_the_keys(tok_prose, T, seed):
     tok, prose = tok_prose
@@ -51,7 +56,7 @@ def test_a_window_hides_facts_and_marks_exactly_the_keys(tok_prose, T, seed):
     for key in asked:  # every asked key was stated in the prose before the questions
         assert re.search(rf"\b{key}\.", body), (key, body)
     # the answer rows predict the keys' tokens, nothing else, in the order they are asked
-    assert [tok.decode(run).strip() for run in _answer_runs(ids, answer)] == asked
+    assert _keys(tok, ids, answer) == asked
     assert set(answer.unique().tolist()) == {0.0, 1.0} and answer[-1] == 0
     assert "pass key" not in text.lower()  # the passkey benchmark stays held out
 
@@ -63,7 +68,7 @@ def test_bare_questions_are_asked_without_labels_and_mark_the_keys(tok_prose):
         ids, answer = retrieval_window(tok, prose, 512, seed, plain=1.0)
         text = tok.decode(ids.tolist())
         assert "Question:" not in text and "Answer:" not in text
-        keys = [tok.decode(run).strip() for run in _answer_runs(ids, answer)]
+        keys = _keys(tok, ids, answer)
         assert 2 <= len(keys) <= 4
         tail = text[-sum(len(k) + 80 for k in keys) * 2:]
         for key in keys:  # each asked as "<question>? <lead-in> <key>." after the facts
@@ -80,19 +85,20 @@ def test_bare_questions_are_asked_without_labels_and_mark_the_keys(tok_prose):
 def test_named_numbers_are_stated_then_asked_bare(tok_prose):
     tok, prose = tok_prose
     named = other = 0
+    nouns = "|".join(NUMBERS)
     for seed in range(8):
         ids, answer = retrieval_window(tok, prose, 512, seed, numbers=1.0)
         text = tok.decode(ids.tolist())
         assert "Question:" not in text and "pass key" not in text.lower()  # asked bare; the benchmark held out
-        keys = [tok.decode(run).strip() for run in _answer_runs(ids, answer)]
+        keys = _keys(tok, ids, answer)
         assert 2 <= len(keys) <= 4
         for key in keys:  # "... the <noun> is <key>." in the prose, then "<question>? The <noun> is <key>."
-            m = re.search(rf"\? The ({'|'.join(NUMBERS)}) is {key}\.", text)
+            m = re.search(rf"\? The ({nouns}) is {key}\.", text)
             assert m is not None and 4 <= len(key) <= 6 and key.isdigit(), (key, text[-400:])
             assert re.search(rf"\b{m.group(1)} is {key}\.", text[:m.start()]), (key, m.group(1))
         mixed, mixed_answer = retrieval_window(tok, prose, 512, seed, numbers=0.5)
         asked = tok.decode(mixed.tolist())
-        n_named = sum(bool(re.search(rf"\? The ({'|'.join(NUMBERS)}) is \d+\.", q)) for q in asked.split("\n\n"))
+        n_named = sum(bool(re.search(rf"\? The ({nouns}) is \d+\.", q)) for q in asked.split("\n\n"))
         named += n_named
         other += len(_answer_runs(mixed, mixed_answer)) - n_named
     assert named > 5 and other > 5, (named, other)  # numbers 0.5: about half the facts
