@@ -46,8 +46,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from spikingbrain.convert.delta import apply_delta, gla_layers, shipped_delta_path
-    from spikingbrain.convert.mapping import convert_from_transformer
+    from spikingbrain.convert.delta import convert_with_delta, gla_layers, shipped_delta_path
     from spikingbrain.convert.teacher import load_teacher
     from spikingbrain.evaluation.agreement import teacher_agreement
     from spikingbrain.evaluation.bench import run_info
@@ -58,8 +57,7 @@ def main(argv=None) -> int:
     teacher, tok = load_teacher()
     teacher.eval()
     delta = args.delta or str(shipped_delta_path())
-    student = convert_from_transformer(teacher, layout="7b", sliding_window=4096, tokenizer=tok)
-    apply_delta(student, teacher, delta)
+    student, _ = convert_with_delta(teacher, delta, tok)
     texts = shipped_texts("valid")
 
     def measure(m) -> dict:

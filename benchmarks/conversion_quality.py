@@ -52,8 +52,7 @@ def key_recall(model, tok, windows) -> dict:
 
 
 def load_student(args, teacher, tok):
-    from spikingbrain.convert.delta import apply_delta, shipped_delta_path
-    from spikingbrain.convert.mapping import convert_from_transformer
+    from spikingbrain.convert.delta import convert_with_delta, shipped_delta_path
 
     if args.model:
         from spikingbrain.serve.loading import load_model
@@ -61,8 +60,7 @@ def load_student(args, teacher, tok):
         model, _, path = load_model(args.model, progress=False)
         return model, {"model_dir": str(path)}
     path = Path(args.delta) if args.delta else shipped_delta_path()
-    student = convert_from_transformer(teacher, layout="7b", sliding_window=args.sliding_window, tokenizer=tok)
-    meta = apply_delta(student, teacher, path)
+    student, meta = convert_with_delta(teacher, path, tok, sliding_window=args.sliding_window)
     return student, {"delta": str(path), "delta_bytes": path.stat().st_size,
                      **{k: meta.get(k) for k in ("command", "provenance", "teacher_fingerprint", "stages")}}
 

@@ -55,8 +55,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from spikingbrain.convert.delta import apply_delta, gla_layers, shipped_delta_path
-    from spikingbrain.convert.mapping import convert_from_transformer
+    from spikingbrain.convert.delta import convert_with_delta, gla_layers, shipped_delta_path
     from spikingbrain.convert.teacher import load_teacher
     from spikingbrain.evaluation.bench import run_info
     from spikingbrain.evaluation.passkey import key_score, make_passkey_prompt
@@ -76,8 +75,7 @@ def main(argv=None) -> int:
     models = {"teacher": score(teacher)}
     print("teacher:", json.dumps(summary(models["teacher"])), flush=True)
     for k, path in enumerate(args.delta or [str(shipped_delta_path())]):
-        student = convert_from_transformer(teacher, layout="7b", sliding_window=args.sliding_window, tokenizer=tok)
-        apply_delta(student, teacher, path)
+        student, _ = convert_with_delta(teacher, path, tok, sliding_window=args.sliding_window)
         models[path] = score(student.eval())
         print(f"{path}:", json.dumps(summary(models[path])), flush=True)
         if args.restore and k == 0:

@@ -125,6 +125,30 @@ def test_delta_refuses_another_teacher_or_layout(tmp_path):
         apply_delta(convert_from_transformer(changed, layout="7b"), changed, tmp_path / "d.safetensors")
 
 
+def test_a_delta_converts_with_the_layout_it_was_trained_for(tmp_path):
+    """``convert_with_delta`` reads the layout from the file: a custom list of layer types (one
+    GLA layer moved) comes back as that list, a named layout under its name; the teacher is
+    checked before any conversion (a 6-layer teacher gets the fingerprint error, not a layout one)."""
+    from spikingbrain.convert.delta import convert_with_delta
+
+    teacher = tiny_llama()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+    for layout, name in ((["gla", "swa", "swa", "gla"], "custom"), ("7b", "7b")):
+        trained = convert_from_transformer(teacher, layout=layout, sliding_window=8)
+        _perturb(trained)
+        save_delta(trained, teacher, tmp_path / "d.safetensors", {})
+        student, meta = convert_with_delta(teacher, tmp_path / "d.safetensors")
+        assert student.config.layer_types == trained.config.layer_types and student.config.sliding_window == 8
+        assert student.config.conversion_layout == name and json.loads(meta["layer_types"]) == student.config.layer_types
+        with torch.no_grad():
+            want, got = trained(input_ids=ids).logits, student(input_ids=ids).logits
+        assert (want - got).abs().max() < 0.05 * want.abs().max()
+    wider, _ = convert_with_delta(teacher, tmp_path / "d.safetensors", sliding_window=32)
+    assert wider.config.sliding_window == 32
+    with pytest.raises(SpikingBrainError, match="another teacher"):
+        convert_with_delta(tiny_llama(layers=6), tmp_path / "d.safetensors")
+
+
 def test_delta_load_errors_are_clear(tmp_path):
     from safetensors.torch import load_file, save_file
 

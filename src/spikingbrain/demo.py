@@ -256,8 +256,7 @@ def demo_recipe(s: DemoSettings, scale: float):
 # --------------------------------------------------------------------------- main
 def run_demo(s: DemoSettings | None = None) -> dict:
     from spikingbrain.convert.chat_data import load_chat
-    from spikingbrain.convert.delta import apply_delta, shipped_delta_path
-    from spikingbrain.convert.mapping import convert_from_transformer
+    from spikingbrain.convert.delta import convert_with_delta, shipped_delta_path
     from spikingbrain.convert.teacher import load_teacher
     from spikingbrain.evaluation.chat_fidelity import chat_fidelity
 
@@ -291,9 +290,8 @@ def run_demo(s: DemoSettings | None = None) -> dict:
 
     if delta is not None:
         stage("convert")
-        student = convert_from_transformer(teacher, layout=s.layout, sliding_window=s.sliding_window,
-                                           tokenizer=tokenizer, seed=s.seed)
-        meta = apply_delta(student, teacher, delta)
+        # the delta's own layout (its layer_types), not s.layout: a delta fits one layout only
+        student, meta = convert_with_delta(teacher, delta, tokenizer, sliding_window=s.sliding_window, seed=s.seed)
         shipped = s.delta_path is None
         conversion = {"method": f"started from the {'shipped ' if shipped else ''}trained delta {delta.name} "
                                 f"({meta.get('provenance', 'no provenance recorded')}); no training in this run "
@@ -333,7 +331,8 @@ def run_demo(s: DemoSettings | None = None) -> dict:
                      else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"),
         "versions": {"torch": torch.__version__},
         "teacher": getattr(teacher, "name_or_path", "default"),
-        "settings": {k: v for k, v in s.__dict__.items() if k not in ("stage_times", "recipe")},
+        "settings": {**{k: v for k, v in s.__dict__.items() if k not in ("stage_times", "recipe")},
+                     "layout": student.config.conversion_layout},
         "layer_summary": ", ".join(f"{t} x{types.count(t)}" for t in dict.fromkeys(types)),
         "gpu_scale": scale,
         "conversion": conversion,

@@ -149,12 +149,13 @@ def test_the_shipped_recipes_are_the_files_in_recipes():
     for name, recipe in (("conversion-shipped.json", R.SHIPPED), ("conversion-fullrank.json", R.FULLRANK),
                          ("conversion-fullrank-bare.json", R.FULLRANK_BARE),
                          ("conversion-fullrank-ffn.json", R.FULLRANK_FFN),
-                         ("conversion-fullrank-numbers.json", R.FULLRANK_NUMBERS)):
+                         ("conversion-fullrank-numbers.json", R.FULLRANK_NUMBERS),
+                         ("conversion-fullrank-l22.json", R.FULLRANK_L22)):
         recipe.validate()
         assert R.ConversionRecipe.from_dict(json.loads((root / name).read_text())) == recipe, name
 
 
-@pytest.mark.parametrize("name", ["FULLRANK", "FULLRANK_BARE", "FULLRANK_FFN", "FULLRANK_NUMBERS"])
+@pytest.mark.parametrize("name", ["FULLRANK", "FULLRANK_BARE", "FULLRANK_FFN", "FULLRANK_NUMBERS", "FULLRANK_L22"])
 def test_the_fullrank_recipes_export_within_the_size_budget(name):
     """A full-rank recipe trains the projections in full and stores them at ``export_rank``: int8
     factors of the 15 GLA layers' q/k/v/o at that rank, plus the fp32 gates and norms, plus the
@@ -203,6 +204,10 @@ def test_recipe_validation_errors_are_clear():
         R.ConversionRecipe(stages=[R.Stage("transfer", steps=1, lr=1e-3, batch_size=1, ffn_lora_rank=4)]).validate()
     with pytest.raises(SpikingBrainError, match="export_rank"):
         R.ConversionRecipe(export_rank=0, stages=[R.Stage("distill", steps=1, lr=1e-3, batch_size=1)]).validate()
+    with pytest.raises(SpikingBrainError, match="layout must be"):
+        R.ConversionRecipe(layout=[], stages=[R.Stage("distill", steps=1, lr=1e-3, batch_size=1)]).validate()
+    with pytest.raises(SpikingBrainError, match="layout must be"):
+        R.ConversionRecipe(layout=["gla", 3], stages=[R.Stage("distill", steps=1, lr=1e-3, batch_size=1)]).validate()
     with pytest.raises(SpikingBrainError, match="share one ffn_lora_rank"):
         R.ConversionRecipe(stages=[R.Stage("distill", steps=1, lr=1e-3, batch_size=1, ffn_lora_rank=r)
                                    for r in (4, 8)]).validate()
@@ -243,6 +248,35 @@ def test_lowrank_result_round_trips_through_the_delta(tmp_path, tiny, factors, t
         apply_delta(partial, teacher, tmp_path / "g.safetensors")
         with torch.no_grad():
             assert (want - partial(input_ids=ids).logits).abs().max() > 3 * (want - got).abs().max()
+
+
+def test_the_l22_recipe_keeps_layer_22_softmax_and_15_gla_layers():
+    types = R.FULLRANK_L22.layout
+    assert len(types) == 30 and types.count("gla") == 15 and types.count("swa") == 15
+    assert types[22] == "swa" and types[23] == "gla"
+    assert all(t == ("gla" if i % 2 == 0 else "swa") for i, t in enumerate(types) if i not in (22, 23))
+
+
+def test_a_custom_layout_trains_and_round_trips_through_the_delta(tmp_path, tiny):
+    """A recipe's layout may list the layer types: the run trains the GLA layers it names (an odd
+    one included), and ``convert_with_delta`` rebuilds that layout from the file alone."""
+    from spikingbrain.convert.delta import convert_with_delta, gla_layers, save_delta
+    from spikingbrain.convert.mapping import convert_from_transformer
+
+    teacher, tok = tiny
+    r = small_recipe(layout=["swa", "gla", "gla", "swa"])
+    student, _ = R.run_conversion(teacher, tok, r, tmp_path / "w", progress=False, say=lambda m: None)
+    assert gla_layers(student) == [1, 2]
+    save_delta(student, teacher, tmp_path / "d.safetensors", {}, factors="fp16")
+    fresh, _ = convert_with_delta(teacher, tmp_path / "d.safetensors", tok)
+    assert fresh.config.layer_types == ["swa", "gla", "gla", "swa"] and fresh.config.sliding_window == 16
+    ids = torch.randint(0, len(tok), (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = student(input_ids=ids).logits, fresh(input_ids=ids).logits
+        base = convert_from_transformer(teacher, layout=r.layout, sliding_window=16, tokenizer=tok)(input_ids=ids).logits
+    assert (want - got).abs().max() < 1e-3 * (want - base).abs().max()
+    with pytest.raises(SpikingBrainError, match="another recipe"):  # the layout is part of the recipe
+        R.run_conversion(teacher, tok, small_recipe(), tmp_path / "w", progress=False, say=lambda m: None)
 
 
 def test_a_stage_may_train_the_ffns_too(tmp_path, tiny, monkeypatch):

@@ -228,6 +228,34 @@ def load_delta_metadata(path: str | os.PathLike) -> dict:
     return meta
 
 
+def _check_teacher(meta: dict, teacher, path) -> None:
+    fp = teacher_fingerprint(teacher)
+    if meta.get("teacher_fingerprint") != fp:
+        raise SpikingBrainError(f"delta {path} was made for another teacher (fingerprint "
+                                f"{meta.get('teacher_fingerprint')}, this teacher's is {fp})")
+
+
+def convert_with_delta(teacher, path: str | os.PathLike, tokenizer=None, sliding_window: int | None = None,
+                       seed: int = 0):
+    """Convert ``teacher`` with the layout the delta at ``path`` was trained for (its
+    ``layer_types``: a named layout or a custom list) and merge the delta in. ``sliding_window``
+    (None: the delta's) overrides the SWA layers' window. Returns ``(student, metadata)``."""
+    from spikingbrain.convert.mapping import LAYOUTS, _layer_types, convert_from_transformer
+
+    meta = load_delta_metadata(path)
+    _check_teacher(meta, teacher, path)
+    try:
+        types = json.loads(meta["layer_types"])
+        window = sliding_window or int(meta["sliding_window"])
+    except (KeyError, ValueError, TypeError):
+        raise SpikingBrainError(f"delta {path} does not record its layout (layer_types, sliding_window)") from None
+    n = teacher.config.num_hidden_layers
+    # a named layout when one matches: the student's config then records its name (and 76b its MoE FFNs)
+    layout = next((name for name in LAYOUTS if _layer_types(name, n)[0] == types), types)
+    student = convert_from_transformer(teacher, layout=layout, sliding_window=window, tokenizer=tokenizer, seed=seed)
+    return student, apply_delta(student, teacher, path)
+
+
 @torch.no_grad()
 def apply_delta(student, teacher, path: str | os.PathLike) -> dict:
     """Merge the delta at ``path`` into a freshly converted ``student`` (plain projections) of
@@ -236,10 +264,7 @@ def apply_delta(student, teacher, path: str | os.PathLike) -> dict:
     from safetensors.torch import load_file
 
     meta = load_delta_metadata(path)
-    fp = teacher_fingerprint(teacher)
-    if meta.get("teacher_fingerprint") != fp:
-        raise SpikingBrainError(f"delta {path} was made for another teacher (fingerprint "
-                                f"{meta.get('teacher_fingerprint')}, this teacher's is {fp})")
+    _check_teacher(meta, teacher, path)
     if meta.get("layer_types") != json.dumps(student.config.layer_types):
         raise SpikingBrainError(f"delta {path} was made for another layout ({meta.get('layer_types')}, this "
                                 f"student's is {json.dumps(student.config.layer_types)})")
