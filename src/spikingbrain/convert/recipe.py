@@ -44,6 +44,7 @@ from typing import Callable
 
 import torch
 
+from spikingbrain.config import _alternating
 from spikingbrain.convert.delta import FFN_TARGETS, file_sha256
 from spikingbrain.errors import SpikingBrainError
 from spikingbrain.train.distill import PRECISIONS
@@ -287,7 +288,7 @@ FULLRANK_NUMBERS = dataclasses.replace(FULLRANK_FFN, stages=[
 def _softmax_at(n: int, layer: int) -> list[str]:
     """The 7B layout for ``n`` layers with GLA layer ``layer`` and the SWA layer after it swapped:
     as many GLA layers as the 7B layout, ``layer`` keeps the teacher's softmax attention."""
-    types = ["gla" if i % 2 == 0 else "swa" for i in range(n)]
+    types = _alternating(n)
     types[layer], types[layer + 1] = types[layer + 1], types[layer]
     return types
 
