@@ -253,7 +253,7 @@ def convert_with_delta(teacher, path: str | os.PathLike, tokenizer=None, sliding
     # a named layout when one matches: the student's config then records its name (and 76b its MoE FFNs)
     layout = next((name for name in LAYOUTS if _layer_types(name, n)[0] == types), types)
     student = convert_from_transformer(teacher, layout=layout, sliding_window=window, tokenizer=tokenizer, seed=seed)
-    return student, apply_delta(student, teacher, path)
+    return student, _merge(student, teacher, path, meta)  # the file's metadata and teacher are checked
 
 
 @torch.no_grad()
@@ -261,10 +261,16 @@ def apply_delta(student, teacher, path: str | os.PathLike) -> dict:
     """Merge the delta at ``path`` into a freshly converted ``student`` (plain projections) of
     ``teacher``. Checks teacher fingerprint, layout and that every GLA parameter is covered
     (FFN updates are optional); returns the metadata."""
-    from safetensors.torch import load_file
-
     meta = load_delta_metadata(path)
     _check_teacher(meta, teacher, path)
+    return _merge(student, teacher, path, meta)
+
+
+@torch.no_grad()
+def _merge(student, teacher, path, meta: dict) -> dict:
+    """``apply_delta`` after its file and teacher checks: the layout check and the merge."""
+    from safetensors.torch import load_file
+
     if meta.get("layer_types") != json.dumps(student.config.layer_types):
         raise SpikingBrainError(f"delta {path} was made for another layout ({meta.get('layer_types')}, this "
                                 f"student's is {json.dumps(student.config.layer_types)})")

@@ -284,7 +284,6 @@ FULLRANK_NUMBERS = dataclasses.replace(FULLRANK_FFN, stages=[
 ])
 
 
-
 def _softmax_at(n: int, layer: int) -> list[str]:
     """The 7B layout for ``n`` layers with GLA layer ``layer`` and the SWA layer after it swapped:
     as many GLA layers as the 7B layout, ``layer`` keeps the teacher's softmax attention."""
