@@ -165,8 +165,8 @@ class ConversionRecipe:
 
 
 # The recipe of the delta shipped until 2026-12-03 (= recipes/conversion-lowrank.json; SHIPPED below
-# replaced it): rank-64 LoRA updates, 405 minutes on 2 cores (scripts/train_conversion.py). Each stage ends at its step count or its time budget,
-# whichever comes first. Stages 3-4 were appended to a finished run of stages 0-2, then stage 5, then
+# replaced it): rank-64 LoRA updates, 405 minutes on 2 cores (scripts/train_conversion.py). Each
+# stage ends at its step count or its time budget, whichever comes first. Stages 3-4 were appended to a finished run of stages 0-2, then stage 5, then
 # stages 6-7 (with 550 chat examples: the first 64 plus 486 made later by the same script), then
 # stages 8-9 (bf16 forwards; rank-16 FFN updates in every layer, stored as int8 factors), then
 # stages 10-11 (with retrieval windows, retrieval_data.py), then stage 12 (chat-heavy: 60% chat
@@ -318,6 +318,7 @@ FULLRANK_L22 = dataclasses.replace(FULLRANK, layout=_softmax_at(30, 22), stages=
           retrieval_numbers=0.5, precision="bf16-gla"),
 ])
 
+
 def _softmax_layers(n: int, *layers: int) -> list[str]:
     """The 7B layout for ``n`` layers with the GLA layers ``layers`` kept as softmax (SWA) attention."""
     types = _alternating(n)
@@ -352,7 +353,7 @@ NUMBERS_L22 = dataclasses.replace(FULLRANK, export_rank=120, layout=_softmax_lay
 
 # The shipped delta's recipe (= recipes/conversion-shipped.json, the same as conversion-numbers-l22.json,
 # the file its command names): `scripts/train_conversion.py --recipe shipped` after the FULLRANK_NUMBERS
-# run that makes its init_delta (README, "The shipped conversion").
+# run that makes its init_delta (both commands: README).
 SHIPPED = NUMBERS_L22
 
 # `spikingbrain demo --from-scratch`: FULLRANK's method on a ~10-minute budget (2 CPU cores).
@@ -526,7 +527,8 @@ def _atomic_write(path: Path, text: str) -> None:
 def _check_init_delta(workdir: Path, path: Path) -> None:
     """The run started from ``path``; resuming it from another file would mix two trainings."""
     if not path.is_file():
-        raise SpikingBrainError(f"conversion recipe: init_delta {path} not found")
+        raise SpikingBrainError(f"conversion recipe: init_delta {path} not found (the recipe goes on from that "
+                                "delta: make it first with the recipe that trains it, or give its path)")
     sha, record = file_sha256(path), workdir / "init_delta.json"
     if record.is_file():
         started = json.loads(record.read_text())["sha256"]
