@@ -166,7 +166,8 @@ class ConversionRecipe:
 
 # The recipe of the delta shipped until 2026-12-03 (= recipes/conversion-lowrank.json; SHIPPED below
 # replaced it): rank-64 LoRA updates, 405 minutes on 2 cores (scripts/train_conversion.py). Each
-# stage ends at its step count or its time budget, whichever comes first. Stages 3-4 were appended to a finished run of stages 0-2, then stage 5, then
+# stage ends at its step count or its time budget, whichever comes first. Stages 3-4 were appended
+# to a finished run of stages 0-2, then stage 5, then
 # stages 6-7 (with 550 chat examples: the first 64 plus 486 made later by the same script), then
 # stages 8-9 (bf16 forwards; rank-16 FFN updates in every layer, stored as int8 factors), then
 # stages 10-11 (with retrieval windows, retrieval_data.py), then stage 12 (chat-heavy: 60% chat
@@ -195,7 +196,8 @@ LOWRANK = ConversionRecipe(cache_sequences=128, cache_seq_len=512, chat_examples
 # LOWRANK's successor (= recipes/conversion-fullrank.json; scripts/train_conversion.py): the
 # demo's from-scratch method (DEMO) given 125 minutes on 2 cores (stages 0-4; 5-7 appended, 240 in
 # all). Full-rank projection updates, transfer LR 2e-3, bf16 forwards and GLA matmuls; exported as
-# rank-150 truncated-SVD factors (int8: < 10 MB). It beats LOWRANK's 405 minutes on top-1 / KL / perplexity / chat fidelity, not yet on
+# rank-150 truncated-SVD factors (int8: < 10 MB). It beats LOWRANK's 405 minutes on top-1 / KL /
+# perplexity / chat fidelity, not yet on
 # passkey (2/0/0 < the teacher's 4/1/0 after stages 5-6, 3/0/0 after 7; BENCHMARKS.md, conversion
 # ablation), so it is not shipped yet: until stage 7 no retrieval question was asked bare.
 # Each stage ends at its time budget (the step counts are out of reach), which also sets its LR schedule.
@@ -286,11 +288,14 @@ FULLRANK_NUMBERS = dataclasses.replace(FULLRANK_FFN, stages=[
 ])
 
 
-def _softmax_at(n: int, layer: int) -> list[str]:
-    """The 7B layout for ``n`` layers with GLA layer ``layer`` and the SWA layer after it swapped:
-    as many GLA layers as the 7B layout, ``layer`` keeps the teacher's softmax attention."""
+def _alternating_with(n: int, swa: tuple[int, ...] = (), gla: tuple[int, ...] = ()) -> list[str]:
+    """The 7B layout for ``n`` layers with layers ``swa`` kept as softmax (SWA) attention and layers
+    ``gla`` made GLA."""
     types = _alternating(n)
-    types[layer], types[layer + 1] = types[layer + 1], types[layer]
+    for i in swa:
+        types[i] = "swa"
+    for i in gla:
+        types[i] = "gla"
     return types
 
 
@@ -303,7 +308,7 @@ def _softmax_at(n: int, layer: int) -> list[str]:
 # 0.728 / 0.236, ppl 1.18x, chat 0.808, passkey 0/0/0, key recall 0.03 (its first token 0.94): the
 # student starts every 1k key but miscopies the digits; with layer 23 given back its softmax as well
 # it recalls 6/9 at 1k and 2/9 at 2k teacher-forced. Layers 22-23 copy together; not shipped.
-FULLRANK_L22 = dataclasses.replace(FULLRANK, layout=_softmax_at(30, 22), stages=[
+FULLRANK_L22 = dataclasses.replace(FULLRANK, layout=_alternating_with(30, swa=(22,), gla=(23,)), stages=[
     dataclasses.replace(FULLRANK.stages[0], minutes=18),
     Stage("distill", steps=100000, lr=2e-4, batch_size=2, seq_len=512, chat_fraction=0.5, minutes=10,
           precision="bf16-gla"),
@@ -319,14 +324,6 @@ FULLRANK_L22 = dataclasses.replace(FULLRANK, layout=_softmax_at(30, 22), stages=
 ])
 
 
-def _softmax_layers(n: int, *layers: int) -> list[str]:
-    """The 7B layout for ``n`` layers with the GLA layers ``layers`` kept as softmax (SWA) attention."""
-    types = _alternating(n)
-    for i in layers:
-        types[i] = "swa"
-    return types
-
-
 # FULLRANK_NUMBERS's finished delta (290 minutes; made by its recipe file, then kept as
 # runs/conversion-fullrank-numbers.safetensors) with layer 22 given back the teacher's softmax
 # attention: 14 GLA layers of 30, layers 22-23 both softmax, as FULLRANK_L22's run asked
@@ -334,7 +331,7 @@ def _softmax_layers(n: int, *layers: int) -> list[str]:
 # teacher-forced; the distillation stages re-fit the layers after it to the restored one.
 # Measured (96 minutes, 726,016 distillation tokens; exported with --ffn-rank 12, 9.79 MB): 0.776 /
 # 0.153, ppl 1.08x, chat 0.837, passkey 7/5/0, key recall 0.94 (BENCHMARKS.md): shipped.
-NUMBERS_L22 = dataclasses.replace(FULLRANK, export_rank=120, layout=_softmax_layers(30, 22),
+NUMBERS_L22 = dataclasses.replace(FULLRANK, export_rank=120, layout=_alternating_with(30, swa=(22,)),
                                   init_delta="runs/conversion-fullrank-numbers.safetensors", stages=[
     Stage("distill", steps=100000, lr=1e-4, batch_size=1, seq_len=1024, chat_fraction=0.35, minutes=40,
           chat_examples=550, retrieval_fraction=0.3, retrieval_weight=4.0, retrieval_plain=0.5,
