@@ -167,11 +167,10 @@ class ConversionRecipe:
 # The recipe of the delta shipped until 2026-12-03 (= recipes/conversion-lowrank.json; SHIPPED below
 # replaced it): rank-64 LoRA updates, 405 minutes on 2 cores (scripts/train_conversion.py). Each
 # stage ends at its step count or its time budget, whichever comes first. Stages 3-4 were appended
-# to a finished run of stages 0-2, then stage 5, then
-# stages 6-7 (with 550 chat examples: the first 64 plus 486 made later by the same script), then
-# stages 8-9 (bf16 forwards; rank-16 FFN updates in every layer, stored as int8 factors), then
-# stages 10-11 (with retrieval windows, retrieval_data.py), then stage 12 (chat-heavy: 60% chat
-# windows, lower LR).
+# to a finished run of stages 0-2, then stage 5, then stages 6-7 (with 550 chat examples: the first
+# 64 plus 486 made later by the same script), then stages 8-9 (bf16 forwards; rank-16 FFN updates in
+# every layer, stored as int8 factors), then stages 10-11 (with retrieval windows,
+# retrieval_data.py), then stage 12 (chat-heavy: 60% chat windows, lower LR).
 LOWRANK = ConversionRecipe(cache_sequences=128, cache_seq_len=512, chat_examples=64, stages=[
     Stage("transfer", steps=4000, lr=1e-3, batch_size=4, minutes=13),
     Stage("distill", steps=2000, lr=2e-4, batch_size=2, seq_len=512, chat_fraction=0.5, minutes=6),
@@ -267,6 +266,16 @@ FULLRANK_FFN = dataclasses.replace(FULLRANK_BARE, export_rank=120, stages=[
 ])
 
 
+def _numbers_stage(lr: float, seq_len: int, chat: float, retrieval: float, minutes: float,
+                   ffn_rank: int = 0) -> Stage:
+    """A late distillation stage as FULLRANK_NUMBERS's: one window per step, all 550 chat examples,
+    retrieval windows (weight 4) with half their questions bare and half their facts named numbers,
+    ``bf16-gla``; runs until its ``minutes``."""
+    return Stage("distill", steps=100000, lr=lr, batch_size=1, seq_len=seq_len, chat_fraction=chat,
+                 minutes=minutes, chat_examples=550, retrieval_fraction=retrieval, retrieval_weight=4.0,
+                 retrieval_plain=0.5, retrieval_numbers=0.5, precision="bf16-gla", ffn_lora_rank=ffn_rank)
+
+
 # FULLRANK_FFN's finished run with stages appended whose retrieval windows hold named numbers ("The
 # lucky number is 58213." ... "What is the lucky number? The lucky number is"; half the facts,
 # always asked bare; ``retrieval_data.NUMBER_TEMPLATES``) (= recipes/conversion-fullrank-numbers.json):
@@ -279,12 +288,8 @@ FULLRANK_FFN = dataclasses.replace(FULLRANK_BARE, export_rank=120, stages=[
 # keeps layer 22 softmax.
 FULLRANK_NUMBERS = dataclasses.replace(FULLRANK_FFN, stages=[
     *(dataclasses.replace(s) for s in FULLRANK_FFN.stages),
-    Stage("distill", steps=100000, lr=1e-4, batch_size=1, seq_len=1024, chat_fraction=0.35, minutes=55,
-          chat_examples=550, retrieval_fraction=0.4, retrieval_weight=4.0, retrieval_plain=0.5,
-          retrieval_numbers=0.5, precision="bf16-gla", ffn_lora_rank=8),
-    Stage("distill", steps=100000, lr=1e-4, batch_size=1, seq_len=2048, chat_fraction=0.3, minutes=25,
-          chat_examples=550, retrieval_fraction=0.3, retrieval_weight=4.0, retrieval_plain=0.5,
-          retrieval_numbers=0.5, precision="bf16-gla", ffn_lora_rank=8),
+    _numbers_stage(1e-4, 1024, chat=0.35, retrieval=0.4, minutes=55, ffn_rank=8),
+    _numbers_stage(1e-4, 2048, chat=0.3, retrieval=0.3, minutes=25, ffn_rank=8),
 ])
 
 
@@ -312,15 +317,9 @@ FULLRANK_L22 = dataclasses.replace(FULLRANK, layout=_alternating_with(30, swa=(2
     dataclasses.replace(FULLRANK.stages[0], minutes=18),
     Stage("distill", steps=100000, lr=2e-4, batch_size=2, seq_len=512, chat_fraction=0.5, minutes=10,
           precision="bf16-gla"),
-    Stage("distill", steps=100000, lr=2e-4, batch_size=1, seq_len=1024, chat_fraction=0.4, minutes=40,
-          chat_examples=550, retrieval_fraction=0.35, retrieval_weight=4.0, retrieval_plain=0.5,
-          retrieval_numbers=0.5, precision="bf16-gla"),
-    Stage("distill", steps=100000, lr=1e-4, batch_size=1, seq_len=2048, chat_fraction=0.3, minutes=12,
-          chat_examples=550, retrieval_fraction=0.3, retrieval_weight=4.0, retrieval_plain=0.5,
-          retrieval_numbers=0.5, precision="bf16-gla"),
-    Stage("distill", steps=100000, lr=1e-4, batch_size=1, seq_len=1024, chat_fraction=0.35, minutes=10,
-          chat_examples=550, retrieval_fraction=0.4, retrieval_weight=4.0, retrieval_plain=0.5,
-          retrieval_numbers=0.5, precision="bf16-gla"),
+    _numbers_stage(2e-4, 1024, chat=0.4, retrieval=0.35, minutes=40),
+    _numbers_stage(1e-4, 2048, chat=0.3, retrieval=0.3, minutes=12),
+    _numbers_stage(1e-4, 1024, chat=0.35, retrieval=0.4, minutes=10),
 ])
 
 
@@ -333,24 +332,14 @@ FULLRANK_L22 = dataclasses.replace(FULLRANK, layout=_alternating_with(30, swa=(2
 # 0.148, ppl 1.07x, chat 0.843, passkey 7/5/1, key recall 0.94 (BENCHMARKS.md): shipped.
 NUMBERS_L22 = dataclasses.replace(FULLRANK, export_rank=120, layout=_alternating_with(30, swa=(22,)),
                                   init_delta="runs/conversion-fullrank-numbers.safetensors", stages=[
-    Stage("distill", steps=100000, lr=1e-4, batch_size=1, seq_len=1024, chat_fraction=0.35, minutes=40,
-          chat_examples=550, retrieval_fraction=0.3, retrieval_weight=4.0, retrieval_plain=0.5,
-          retrieval_numbers=0.5, precision="bf16-gla", ffn_lora_rank=8),
-    Stage("distill", steps=100000, lr=1e-4, batch_size=1, seq_len=2048, chat_fraction=0.3, minutes=16,
-          chat_examples=550, retrieval_fraction=0.3, retrieval_weight=4.0, retrieval_plain=0.5,
-          retrieval_numbers=0.5, precision="bf16-gla", ffn_lora_rank=8),
-    Stage("distill", steps=100000, lr=5e-5, batch_size=1, seq_len=1024, chat_fraction=0.5, minutes=12,
-          chat_examples=550, retrieval_fraction=0.25, retrieval_weight=4.0, retrieval_plain=0.5,
-          retrieval_numbers=0.5, precision="bf16-gla", ffn_lora_rank=8),
+    _numbers_stage(1e-4, 1024, chat=0.35, retrieval=0.3, minutes=40, ffn_rank=8),
+    _numbers_stage(1e-4, 2048, chat=0.3, retrieval=0.3, minutes=16, ffn_rank=8),
+    _numbers_stage(5e-5, 1024, chat=0.5, retrieval=0.25, minutes=12, ffn_rank=8),
     # appended to the finished stages 0-2 (0.772 / 0.154, passkey 8/5/1): prose-heavier, for the KL
-    Stage("distill", steps=100000, lr=5e-5, batch_size=1, seq_len=1024, chat_fraction=0.3, minutes=28,
-          chat_examples=550, retrieval_fraction=0.2, retrieval_weight=4.0, retrieval_plain=0.5,
-          retrieval_numbers=0.5, precision="bf16-gla", ffn_lora_rank=8),
+    _numbers_stage(5e-5, 1024, chat=0.3, retrieval=0.2, minutes=28, ffn_rank=8),
     # appended to the finished stage 3 (0.776 / 0.153, passkey 7/5/0): a long stage, more prose
     # (stage 4: 804 steps, 823,296 tokens; +0.002 top-1, -0.005 KL)
-    Stage("distill", steps=100000, lr=7e-5, batch_size=1, seq_len=1024, chat_fraction=0.25, minutes=105,
-          chat_examples=550, retrieval_fraction=0.15, retrieval_weight=4.0, retrieval_plain=0.5,
-          retrieval_numbers=0.5, precision="bf16-gla", ffn_lora_rank=8),
+    _numbers_stage(7e-5, 1024, chat=0.25, retrieval=0.15, minutes=105, ffn_rank=8),
 ])
 
 # The shipped delta's recipe (= recipes/conversion-shipped.json, the same as conversion-numbers-l22.json,
